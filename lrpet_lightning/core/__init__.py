@@ -1,0 +1,43 @@
+"""Plain-PyTorch core of LRPET: tensor maths, model walking and module transforms.
+
+Nothing under ``lrpet_lightning.core`` imports lightning or hydra (a test enforces it).
+"""
+
+from __future__ import annotations
+
+from lrpet_lightning.core.config import LowRankConfig
+from lrpet_lightning.core.factorized import FactorizedConv, FactorizedLayer, FactorizedLinear
+from lrpet_lightning.core.linalg import project_matrix, rank_from_ratio, top_singular_triplets
+from lrpet_lightning.core.report import CompressionReport, LayerCost, compression_report
+from lrpet_lightning.core.transforms import (
+    LayerRecord,
+    decompose_,
+    decomposed_ranks,
+    project_layers_,
+    project_low_rank_,
+    recompose_,
+)
+from lrpet_lightning.core.walk import BNPairTracer, TargetLayer, select_layers, trace_bn_pairs
+
+__all__ = [
+    "BNPairTracer",
+    "CompressionReport",
+    "FactorizedConv",
+    "FactorizedLayer",
+    "FactorizedLinear",
+    "LayerCost",
+    "LayerRecord",
+    "LowRankConfig",
+    "TargetLayer",
+    "compression_report",
+    "decompose_",
+    "decomposed_ranks",
+    "project_layers_",
+    "project_low_rank_",
+    "project_matrix",
+    "rank_from_ratio",
+    "recompose_",
+    "select_layers",
+    "top_singular_triplets",
+    "trace_bn_pairs",
+]

@@ -1,0 +1,128 @@
+"""The knobs of LRPET, validated once and shared by the functions, the callback and the configs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+from lrpet_lightning.core.linalg import SVD_METHODS
+
+__all__ = ["LowRankConfig", "check_rank_ratio"]
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_rank_ratio(name: str, value: Any) -> float:
+    """A kept fraction of the full rank: a real number in (0, 1]."""
+    if not _is_real(value) or math.isnan(value) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(
+            f"{name} must be a number in (0, 1] (the kept fraction of each layer's full rank), "
+            f"got {value!r}"
+        )
+    return float(value)
+
+
+def _check_patterns(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Sequence) and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise TypeError(
+        f"{name} must be None, a glob pattern string or a list of them "
+        f"(matched against qualified module names such as 'layer1.0.conv1'), got {value!r}"
+    )
+
+
+def _check_ranks(value: Any) -> dict[str, float | int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            "ranks must be a mapping of module-name glob patterns to a kept ratio (float in "
+            f"(0, 1]) or an absolute rank (int >= 1), got {value!r}"
+        )
+    out: dict[str, float | int] = {}
+    for pattern, rank in value.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"ranks keys must be module-name patterns (str), got {pattern!r}")
+        if isinstance(rank, Integral) and not isinstance(rank, bool):
+            if rank < 1:
+                raise ValueError(
+                    f"ranks[{pattern!r}] must be an absolute rank >= 1 (int) or a ratio in "
+                    f"(0, 1] (float), got {rank!r}"
+                )
+            out[pattern] = int(rank)
+        elif _is_real(rank):
+            out[pattern] = check_rank_ratio(f"ranks[{pattern!r}]", rank)
+        else:
+            raise TypeError(
+                f"ranks[{pattern!r}] must be an absolute rank >= 1 (int) or a ratio in (0, 1] "
+                f"(float), got {rank!r}"
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Validated LRPET settings; the keyword names are those of ``project_low_rank_``.
+
+    Args:
+        rank_ratio: kept fraction of each targeted layer's full rank, in (0, 1]. ``None``
+            targets only the layers named in ``ranks``.
+        ranks: ``{pattern: ratio_or_rank}`` overrides; a float is a ratio, an int an
+            absolute rank. An exact module name wins over patterns; among patterns the
+            first that matches (in the mapping's order) wins.
+        energy_transfer: rescale the kept singular values to keep each matrix's energy.
+        residual_scale: factor on the discarded singular values (0 = exact rank r), in [0, 1].
+        bn_rectification: project the conv as the following BatchNorm sees it.
+        include_linear: also target ``nn.Linear`` layers (convs are always targets).
+        include, exclude: glob patterns on qualified module names.
+        min_rank: smallest rank any layer keeps.
+        svd_method: ``"exact"``, ``"gram"`` or ``"randomized"`` (see ``top_singular_triplets``).
+    """
+
+    rank_ratio: float | None = None
+    ranks: Mapping[str, float | int] | None = None
+    energy_transfer: bool = True
+    residual_scale: float = 0.0
+    bn_rectification: bool = True
+    include_linear: bool = False
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    min_rank: int = 1
+    svd_method: str = "exact"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise fields once, here
+        if self.rank_ratio is not None:
+            set_(self, "rank_ratio", check_rank_ratio("rank_ratio", self.rank_ratio))
+        set_(self, "ranks", _check_ranks(self.ranks))
+        if self.rank_ratio is None and not self.ranks:
+            raise ValueError(
+                "rank_ratio is None and ranks is empty: give rank_ratio (a kept fraction in "
+                "(0, 1], e.g. 0.25) or ranks ({pattern: ratio_or_rank})"
+            )
+        for flag in ("energy_transfer", "bn_rectification", "include_linear"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        rho = self.residual_scale
+        if not _is_real(rho) or math.isnan(rho) or not 0.0 <= float(rho) <= 1.0:
+            raise ValueError(f"residual_scale must be a number in [0, 1], got {rho!r}")
+        set_(self, "residual_scale", float(rho))
+        set_(self, "include", _check_patterns("include", self.include))
+        set_(self, "exclude", _check_patterns("exclude", self.exclude))
+        if (
+            not isinstance(self.min_rank, Integral)
+            or isinstance(self.min_rank, bool)
+            or self.min_rank < 1
+        ):
+            raise ValueError(f"min_rank must be an int >= 1, got {self.min_rank!r}")
+        if self.svd_method not in SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")

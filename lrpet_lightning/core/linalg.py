@@ -1,0 +1,236 @@
+"""Tensor maths of LRPET: pure functions on tensors, no modules, no state.
+
+Everything here follows ALGORITHM.md §2-§4 and §6:
+
+* a layer's weight is viewed as a matrix ``M`` with one row per output channel;
+* the rank kept is ``max(min_rank, floor(rank_ratio * min(rows, cols)))``;
+* one projection optionally rectifies ``M`` by the following BatchNorm
+  (``Mb = diag(a) M`` with ``a = gamma / sqrt(running_var + eps)``), truncates ``Mb``
+  to rank ``r`` with energy transfer, and undoes the rectification with the reference
+  code's regularized inverse ``diag(a / (a**2 + eps1))``.
+
+Only the top-``r`` singular triplets are ever needed: the total energy is
+``||Mb||_F**2`` and the discarded tail ``Mb - U_r S_r V_r^T`` is a difference of two
+matrices we already have. That is what lets the faster back-ends (Gram eigensolver,
+randomized SVD) compute exactly the same projection as a full SVD.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BN_INVERSE_EPS",
+    "SVD_METHODS",
+    "ZERO_LAYER_TOL",
+    "ProjectionResult",
+    "bn_scale",
+    "factorize_matrix",
+    "matrix_to_weight",
+    "numerical_rank",
+    "project_matrix",
+    "rank_from_ratio",
+    "top_singular_triplets",
+    "weight_to_matrix",
+]
+
+#: ``eps1`` of the regularized inverse that undoes BN rectification (reference code).
+BN_INVERSE_EPS = 1e-5
+#: A layer whose largest singular value is below this is all-zero and left alone.
+ZERO_LAYER_TOL = 1e-4
+#: Names accepted by ``svd_method``.
+SVD_METHODS = ("exact", "gram", "randomized")
+
+SvdMethod = Literal["exact", "gram", "randomized"]
+
+
+# --------------------------------------------------------------------------- views
+def weight_to_matrix(weight: Tensor) -> Tensor:
+    """View a Conv/Linear weight ``(N, C, *kernel)`` / ``(out, in)`` as ``(N, C*prod(kernel))``."""
+    if weight.dim() < 2:
+        raise ValueError(
+            f"weight must have at least 2 dimensions (out, in, *kernel), got shape {tuple(weight.shape)}"
+        )
+    return weight.reshape(weight.shape[0], -1)
+
+
+def matrix_to_weight(matrix: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`weight_to_matrix`."""
+    return matrix.reshape(shape)
+
+
+# --------------------------------------------------------------------------- ranks
+def rank_from_ratio(full_rank: int, rank_ratio: float, min_rank: int = 1) -> int:
+    """Rank kept for a layer of full rank ``full_rank`` (ALGORITHM.md §3).
+
+    ``r = max(min_rank, floor(rank_ratio * full_rank))``, never above ``full_rank``.
+    The ``1e-9`` guards the floor against float error (``0.3 * 10 = 2.9999...``).
+
+    Example:
+        >>> rank_from_ratio(64, 0.2)
+        12
+    """
+    r = max(int(min_rank), math.floor(rank_ratio * full_rank + 1e-9))
+    return min(r, full_rank)
+
+
+def bn_scale(
+    running_var: Tensor, eps: float, weight: Tensor | None = None
+) -> Tensor:
+    """Per-channel scale ``a = gamma / sqrt(running_var + eps)`` a BatchNorm applies.
+
+    ``weight`` is the BN's ``gamma``; ``None`` (a BN without affine) means ``gamma = 1``.
+    """
+    a = torch.rsqrt(running_var.to(torch.float64) + eps)
+    if weight is not None:
+        a = a * weight.to(torch.float64)
+    return a
+
+
+# ------------------------------------------------------------------------ SVD back-ends
+class Triplets(NamedTuple):
+    """Top-``r`` singular triplets ``M ~ U diag(s) V^T`` and the total energy ``||M||_F**2``."""
+
+    U: Tensor  # (rows, r)
+    s: Tensor  # (r,), descending
+    V: Tensor  # (cols, r)
+    energy: Tensor  # scalar
+
+
+def top_singular_triplets(
+    M: Tensor, r: int, method: SvdMethod = "exact", *, niter: int = 4, oversample: int = 8
+) -> Triplets:
+    """The top ``r`` singular triplets of ``M`` and ``||M||_F**2``, computed in ``M.dtype``.
+
+    Args:
+        M: a 2-D floating matrix (float32 or float64).
+        r: how many triplets, ``1 <= r <= min(M.shape)``.
+        method: ``"exact"`` — full ``torch.linalg.svd`` (the reference code's way);
+            ``"gram"`` — symmetric eigensolver on the smaller Gram matrix ``M M^T`` or
+            ``M^T M`` (much faster on CPU, accurate in float64);
+            ``"randomized"`` — ``torch.svd_lowrank`` with ``niter`` power iterations.
+        niter, oversample: randomized SVD's power iterations and oversampling.
+    """
+    rows, cols = M.shape
+    n = min(rows, cols)
+    if not 1 <= r <= n:
+        raise ValueError(f"r must be in [1, {n}] for a {rows}x{cols} matrix, got {r}")
+    energy = M.square().sum()
+    if method == "exact":
+        U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+        return Triplets(U[:, :r], s[:r], Vh[:r].mT, energy)
+    if method == "gram":
+        # Eigen-decompose the smaller Gram matrix; eigh returns ascending eigenvalues.
+        wide = rows <= cols
+        G = M @ M.mT if wide else M.mT @ M
+        evals, evecs = torch.linalg.eigh(G)
+        evals = evals.flip(0)[:r].clamp_min(0)
+        evecs = evecs.flip(1)[:, :r]
+        s = evals.sqrt()
+        # The other side's vectors: V = M^T U / s (or U = M V / s). A zero singular value
+        # leaves a zero column, which is harmless: its triplet contributes nothing.
+        inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+        if wide:
+            U, V = evecs, (M.mT @ evecs) * inv
+        else:
+            U, V = (M @ evecs) * inv, evecs
+        return Triplets(U, s, V, energy)
+    if method == "randomized":
+        q = min(r + oversample, n)
+        U, s, V = torch.svd_lowrank(M, q=q, niter=niter)
+        return Triplets(U[:, :r], s[:r], V[:, :r], energy)
+    raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {method!r}")
+
+
+# ----------------------------------------------------------------------- projection
+@dataclass(frozen=True)
+class ProjectionResult:
+    """The projected matrix and what the projection did (values are Python floats)."""
+
+    matrix: Tensor
+    #: Fraction of the (rectified) energy held by the top-r singular values, before transfer.
+    kept_energy: float
+    #: ``||M' - M||_F / ||M||_F`` of the unrectified weight matrix.
+    relative_change: float
+    #: Largest singular value of the (rectified) matrix.
+    top_singular_value: float
+
+
+def project_matrix(
+    M: Tensor,
+    r: int,
+    *,
+    energy_transfer: bool = True,
+    residual_scale: float = 0.0,
+    scale: Tensor | None = None,
+    svd_method: SvdMethod = "exact",
+    bn_inverse_eps: float = BN_INVERSE_EPS,
+) -> ProjectionResult:
+    """One LRPET projection of one weight matrix (ALGORITHM.md §4), out of place.
+
+    Args:
+        M: ``(rows, cols)`` floating matrix; the maths runs in its dtype (pass float32/64).
+        r: kept rank, ``1 <= r <= min(rows, cols)``.
+        energy_transfer: rescale the kept singular values so that the energy
+            ``||Mb||_F**2`` is preserved.
+        residual_scale: ``rho`` — the discarded singular values are multiplied by it
+            (reference code: ``redu_fac``); ``0`` gives an exactly rank-``r`` result.
+        scale: BN rectification scale ``a`` (one value per row) or ``None`` for none.
+        svd_method: see :func:`top_singular_triplets`.
+        bn_inverse_eps: ``eps1`` of the regularized inverse ``a / (a**2 + eps1)``.
+
+    Returns:
+        A :class:`ProjectionResult`. Its ``matrix`` is ``M`` unchanged (same values) when
+        the largest singular value is below ``ZERO_LAYER_TOL`` — callers treat that as skip.
+    """
+    rho = float(residual_scale)
+    a = None
+    if scale is not None:
+        a = scale.to(M.dtype).reshape(-1, 1)
+    Mb = M * a if a is not None else M
+    U, s, V, energy = top_singular_triplets(Mb, r, svd_method)
+    top = float(s[0]) if s.numel() else 0.0
+    if top < ZERO_LAYER_TOL:
+        return ProjectionResult(M, 1.0, 0.0, top)
+
+    kept = s.square().sum()
+    tail = (energy - kept).clamp_min(0)  # float error can make it slightly negative
+    if energy_transfer:
+        alpha = (energy - rho**2 * tail) / kept
+        s_new = s * alpha.sqrt()
+    else:
+        s_new = s
+    # Mb' = U diag(s_new) V^T + rho * (Mb - U diag(s) V^T): the tail scaled by rho,
+    # written with the top-r triplets only.
+    low_rank = (U * (s_new - rho * s)) @ V.mT
+    Mb_new = low_rank + rho * Mb if rho != 0.0 else low_rank
+    if a is not None:
+        M_new = Mb_new * (a / (a.square() + bn_inverse_eps))
+    else:
+        M_new = Mb_new
+    norm = torch.linalg.matrix_norm(M)
+    change = float(torch.linalg.matrix_norm(M_new - M) / norm) if norm > 0 else 0.0
+    return ProjectionResult(M_new, float(kept / energy), change, top)
+
+
+# ----------------------------------------------------------------- decomposition maths
+def numerical_rank(M: Tensor, rtol: float) -> int:
+    """Number of singular values above ``rtol * s_max`` (at least 1)."""
+    s = torch.linalg.svdvals(M)
+    return max(1, int((s > rtol * s[0]).sum()))
+
+
+def factorize_matrix(M: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Split ``M ~ A @ B`` with ``A = U_r sqrt(S_r)`` ``(rows, r)`` and ``B = sqrt(S_r) V_r^T``.
+
+    Exact when ``M`` has rank ``r`` (ALGORITHM.md §6); otherwise the best rank-``r``
+    approximation. The square root splits the scale evenly between the two thin layers.
+    """
+    U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+    root = s[:r].sqrt()
+    return U[:, :r] * root, root.unsqueeze(1) * Vh[:r]

@@ -1,0 +1,18 @@
+"""Model zoo in plain PyTorch: CIFAR ResNets (option A), VGG-16-BN and torchvision models."""
+
+from __future__ import annotations
+
+from .cifar_resnet import resnet20, resnet32, resnet44, resnet56, resnet110
+from .registry import available_models, build_model
+from .vgg import vgg16_bn
+
+__all__ = [
+    "available_models",
+    "build_model",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "vgg16_bn",
+]
