@@ -59,6 +59,21 @@ class FactorizedLayer(nn.Module):
             dense.bias.data.copy_(self.second.bias.detach())
         return dense
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # Accept the dense layer's keys (``weight``/``bias``): a dense checkpoint saved
+        # before decomposition (e.g. ModelCheckpoint's "best" during LRPET training) loads
+        # into the decomposed model by splitting its weight at this layer's rank — exact
+        # when that weight was projected to this rank.
+        dense_key = prefix + "weight"
+        if dense_key in state_dict and prefix + "first.weight" not in state_dict:
+            w = state_dict.pop(dense_key)
+            A, B = factorize_matrix(weight_to_matrix(w).double(), self.rank)
+            state_dict[prefix + "first.weight"] = B.reshape(self.first.weight.shape)
+            state_dict[prefix + "second.weight"] = A.reshape(self.second.weight.shape)
+            if prefix + "bias" in state_dict:
+                state_dict[prefix + "second.bias"] = state_dict.pop(prefix + "bias")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
 
