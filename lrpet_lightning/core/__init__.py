@@ -5,6 +5,7 @@ Nothing under ``lrpet_lightning.core`` imports lightning or hydra (a test enforc
 
 from __future__ import annotations
 
+from lrpet_lightning.core.checkpoint import load_compact, read_compact, save_compact
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.factorized import FactorizedConv, FactorizedLayer, FactorizedLinear
 from lrpet_lightning.core.linalg import project_matrix, rank_from_ratio, top_singular_triplets
@@ -32,11 +33,14 @@ __all__ = [
     "compression_report",
     "decompose_",
     "decomposed_ranks",
+    "load_compact",
     "project_layers_",
     "project_low_rank_",
     "project_matrix",
     "rank_from_ratio",
+    "read_compact",
     "recompose_",
+    "save_compact",
     "select_layers",
     "top_singular_triplets",
     "trace_bn_pairs",

@@ -1,0 +1,1 @@
+"""The Hydra training app: datamodules, models, the classifier LightningModule, ``train(cfg)``."""

@@ -1,0 +1,5 @@
+"""``python -m lrpet_lightning.app`` = ``lrpet-train``."""
+
+from lrpet_lightning.app.train import main
+
+main()

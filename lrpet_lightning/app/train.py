@@ -1,0 +1,147 @@
+"""``lrpet-train``: the Hydra training app. ``train(cfg)`` is a plain function tests call."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf
+
+from lrpet_lightning.app.module import ImageClassifier
+from lrpet_lightning.callback import LowRankProjectionCallback
+from lrpet_lightning.core.checkpoint import read_compact, save_compact
+from lrpet_lightning.core.checkpoint import load_compact as _load_compact
+from lrpet_lightning.core.transforms import decompose_, decomposed_ranks
+from lrpet_lightning.models import build_model
+
+__all__ = ["config_dir", "load_compact_model", "main", "train"]
+
+log = logging.getLogger("lrpet_lightning")
+
+
+def config_dir() -> Path:
+    """The ``conf/`` folder: shipped inside the package by a wheel install, or the repo's
+    top-level ``conf/`` in an editable install or a source checkout."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"lrpet_lightning's conf/ folder with train.yaml not found near {here}")
+
+
+def _instantiate_logger(cfg: DictConfig) -> Any:
+    if cfg.get("logger") is None:
+        return False
+    try:
+        return hydra.utils.instantiate(cfg.logger)
+    except Exception as err:  # noqa: BLE001 - missing optional packages surface here
+        if isinstance(err.__cause__, (ImportError, ModuleNotFoundError)) or "install" in str(err):
+            target = cfg.logger.get("_target_", "?")
+            raise RuntimeError(f"logger {target} needs a package that is not installed "
+                               f"({err.__cause__ or err}); install it, or use logger=csv") from err
+        raise
+
+
+def _find_lrpet(trainer: pl.Trainer) -> LowRankProjectionCallback | None:
+    return next((c for c in trainer.callbacks if isinstance(c, LowRankProjectionCallback)), None)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train, compress and test one model as ``cfg`` says; return and write ``results.json``.
+
+    Writes into ``cfg.output_dir``: logger output, checkpoints, ``compression_report.json``
+    and ``.md``, the compact model (``cfg.compact_model_name``) and ``results.json``.
+    """
+    t0 = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    net = build_model(cfg.model.arch, num_classes=datamodule.num_classes,
+                      in_channels=datamodule.in_channels, small_input=cfg.model.small_input)
+    module = ImageClassifier(net, datamodule.num_classes, max_epochs=cfg.trainer.max_epochs,
+                             **OmegaConf.to_container(cfg.optim, resolve=True))
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
+                 if c is not None and "_target_" in c]
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=_instantiate_logger(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    lrpet = _find_lrpet(trainer)
+    if lrpet is not None and not decomposed_ranks(net):
+        # The callback projected but did not decompose: the final weights are exactly low
+        # rank, so splitting them at the callback's ranks preserves the model's function.
+        decompose_(module, ranks=lrpet.state_dict()["ranks"],
+                   include_linear=lrpet.config.include_linear)
+    val = trainer.validate(module, datamodule=datamodule, verbose=False)
+    test = trainer.test(module, datamodule=datamodule, verbose=False) if cfg.test else [{}]
+
+    results: dict[str, Any] = {
+        "val_acc": val[0].get("val/acc"),
+        "test_acc": test[0].get("test/acc"),
+        "test_acc_top5": test[0].get("test/acc_top5"),
+        "arch": cfg.model.arch,
+        "rank_ratio": lrpet.config.rank_ratio if lrpet else None,
+        "flops_reduction": 0.0,
+        "params_reduction": 0.0,
+        "epochs": trainer.current_epoch,
+        "wall_time_s": None,
+        "output_dir": str(out),
+    }
+    if lrpet is not None and lrpet.compression is not None:
+        report = lrpet.compression
+        (out / "compression_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        (out / "compression_report.md").write_text(report.to_markdown())
+        results.update(flops_reduction=report.flops_reduction,
+                       params_reduction=report.params_reduction,
+                       report=str(out / "compression_report.json"))
+    if trainer.is_global_zero and decomposed_ranks(net):
+        path = save_compact(net, out / cfg.compact_model_name, arch=cfg.model.arch,
+                            num_classes=datamodule.num_classes,
+                            in_channels=datamodule.in_channels,
+                            small_input=bool(cfg.model.small_input))
+        results["compact_model"] = str(path)
+    results["wall_time_s"] = time.perf_counter() - t0
+    if trainer.is_global_zero:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(_summary(results))
+    return results
+
+
+def _summary(results: dict[str, Any]) -> str:
+    def pct(x: Any) -> str:
+        return "-" if x is None else f"{100 * x:.2f} %"
+
+    rows = [("model", results["arch"]), ("rank_ratio", str(results["rank_ratio"])),
+            ("test top-1 (compact)", pct(results["test_acc"])),
+            ("val top-1 (compact)", pct(results["val_acc"])),
+            ("FLOPs reduction", pct(results["flops_reduction"])),
+            ("params reduction", pct(results["params_reduction"])),
+            ("wall time", f"{results['wall_time_s']:.1f} s"),
+            ("compact model", results.get("compact_model", "-")),
+            ("results", str(Path(results["output_dir"]) / "results.json"))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["", "LRPET run summary", *(f"  {k.ljust(width)}  {v}" for k, v in rows)])
+
+
+def load_compact_model(path: str | Path):
+    """Rebuild and load the compact model a run wrote: ``load_compact_model("…/compact_model.pt")``."""
+    meta = read_compact(path)["metadata"]
+    net = build_model(meta["arch"], num_classes=meta["num_classes"],
+                      in_channels=meta["in_channels"], small_input=meta["small_input"])
+    return _load_compact(net, path).eval()
+
+
+def main() -> None:
+    """Console entry point ``lrpet-train`` (and ``python -m lrpet_lightning.app``)."""
+    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(train)()
+
+
+if __name__ == "__main__":
+    main()

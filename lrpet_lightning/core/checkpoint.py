@@ -1,0 +1,84 @@
+"""Compact checkpoints: the thin-layer weights plus the per-layer ranks that rebuild them."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrpet_lightning.core.transforms import decompose_, decomposed_ranks
+
+__all__ = ["COMPACT_FORMAT", "load_compact", "read_compact", "save_compact"]
+
+COMPACT_FORMAT = "lrpet-compact-v1"
+
+
+def save_compact(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
+    """Write a decomposed ``model`` to ``path``: its state dict, its ``{layer: rank}`` map
+    and ``metadata`` (plain values: str, int, float, bool, lists and dicts of them).
+
+    The file is written to a temporary file beside ``path`` and renamed into place, so an
+    interrupted save never leaves a truncated file where a good one was.
+    """
+    ranks = decomposed_ranks(model)
+    if not ranks:
+        raise ValueError(
+            f"model {type(model).__name__} has no factorized layer; call decompose_(model) first"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": COMPACT_FORMAT, "ranks": ranks, "metadata": metadata,
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_compact(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a compact file safely (``weights_only=True``: no pickled code runs)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != COMPACT_FORMAT:
+        raise ValueError(f"{path} is not an lrpet_lightning compact model ({COMPACT_FORMAT})")
+    return payload
+
+
+def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild the thin layers of a freshly built dense ``model`` from the ranks recorded in
+    ``path``, load the weights, and return the model (decomposed in place).
+
+    Example:
+        >>> model = load_compact(build_model("resnet20"), "compact_model.pt")
+    """
+    payload = read_compact(path)
+    ranks = payload["ranks"]
+    modules = dict(model.named_modules())
+    for name, rank in ranks.items():
+        if name not in modules:
+            raise ValueError(
+                f"{path} holds a factorized layer {name!r} (rank {rank}) that "
+                f"{type(model).__name__} does not have: is it the same architecture?"
+            )
+    decompose_(model, ranks=ranks, include_linear=True, include=list(ranks))
+    missing = [n for n in ranks if n not in decomposed_ranks(model)]
+    if missing:
+        raise ValueError(f"could not rebuild factorized layers {missing} of {path}")
+    state = payload["state_dict"]
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(value.shape)} but the rebuilt "
+                f"{type(model).__name__} expects {tuple(own[key].shape)}: another architecture?"
+            )
+    model.load_state_dict(state)
+    return model
