@@ -25,13 +25,8 @@ log = logging.getLogger("lrpet_lightning")
 
 
 def config_dir() -> Path:
-    """The ``conf/`` folder: shipped inside the package by a wheel install, or the repo's
-    top-level ``conf/`` in an editable install or a source checkout."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"lrpet_lightning's conf/ folder with train.yaml not found near {here}")
+    """The Hydra ``conf/`` folder, shipped inside the package (top-level ``conf/`` links here)."""
+    return Path(__file__).resolve().parent.parent / "conf"
 
 
 def _instantiate_logger(cfg: DictConfig) -> Any:

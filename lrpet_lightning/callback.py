@@ -1,0 +1,415 @@
+"""``LowRankProjectionCallback``: LRPET for any LightningModule, a thin scheduler over the core."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from numbers import Integral
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from typing_extensions import override
+
+from lrpet_lightning.core.config import LowRankConfig
+from lrpet_lightning.core.report import CompressionReport, compression_report
+from lrpet_lightning.core.transforms import (
+    LayerRecord,
+    attach_bn_pairs,
+    decompose_,
+    decomposed_ranks,
+    project_layers_,
+)
+from lrpet_lightning.core.walk import BNPairTracer, TargetLayer, select_layers
+
+__all__ = ["LowRankProjectionCallback"]
+
+# Strategies that shard parameters: no process holds a whole weight matrix to project.
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
+
+
+def _check_schedule_int(name: str, value: Any, minimum: int, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, "
+                         f"got {value!r}")
+
+
+class LowRankProjectionCallback(Callback):
+    r"""Train a low-rank network from scratch with LRPET (low-rank projection with energy transfer).
+
+    SGD runs at full size; on schedule, every targeted weight matrix is projected onto rank
+    ``r`` by truncated SVD, with energy transfer and BN rectification. At the end of fit a
+    final projection makes the weights exactly low rank, and a compression report (FLOPs
+    and parameters of the two-thin-layer model) is logged, printed and written as JSON.
+
+    The maths keywords are those of :func:`lrpet_lightning.project_low_rank_`.
+
+    Args:
+        rank_ratio: kept fraction of each layer's full rank, in (0, 1].
+        ranks: ``{module-name pattern: ratio (float) or rank (int)}`` overrides.
+        energy_transfer, residual_scale, bn_rectification, include_linear, include,
+            exclude, min_rank, svd_method: as in ``project_low_rank_``.
+        every_n_epochs: project at the end of every n-th training epoch (CIFAR recipe: 1).
+            Default 1 unless ``every_n_train_steps`` is given.
+        every_n_train_steps: project after every n-th optimizer step, counted on
+            ``trainer.global_step`` so gradient accumulation is right (ImageNet recipe: 250).
+        start: no scheduled projection before this epoch (epoch schedule, 0-based) or
+            optimizer step (step schedule) — a warm-up at full rank.
+        stop: no scheduled projection from this epoch / step on (None: until the end).
+        final_projection: project once more when training ends, so the trained model is
+            exactly low rank. It truncates *without* energy transfer and with
+            ``residual_scale=0``: energy transfer exists to keep gradients healthy *during*
+            training; after the last step it would only rescale the weights against BN
+            running statistics that can no longer adapt, while plain truncation is the
+            closest rank-r model (Eckart-Young). Skipped when the last scheduled projection
+            already ran after the last optimizer step with ``residual_scale=0``.
+        decompose_on_fit_end: replace each projected layer by its two thin layers in place
+            when training ends. Checkpoints saved before that (e.g. ``"best"``) hold dense
+            weights; they still load into the decomposed module (each factorized layer
+            splits a dense weight it is given), so ``trainer.test(ckpt_path="best")`` works.
+        log_per_layer: also log each layer's kept energy and relative change.
+        report: compute, print and save the compression report at fit end.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[LowRankProjectionCallback(rank_ratio=0.25)])
+        >>> trainer.fit(model, datamodule)
+    """
+
+    def __init__(
+        self,
+        rank_ratio: float | None = None,
+        ranks: Mapping[str, float | int] | None = None,
+        energy_transfer: bool = True,
+        residual_scale: float = 0.0,
+        bn_rectification: bool = True,
+        include_linear: bool = False,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        min_rank: int = 1,
+        svd_method: str = "exact",
+        every_n_epochs: int | None = None,
+        every_n_train_steps: int | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        final_projection: bool = True,
+        decompose_on_fit_end: bool = False,
+        log_per_layer: bool = False,
+        report: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = LowRankConfig(
+            rank_ratio=rank_ratio, ranks=ranks, energy_transfer=energy_transfer,
+            residual_scale=residual_scale, bn_rectification=bn_rectification,
+            include_linear=include_linear, include=include, exclude=exclude,
+            min_rank=min_rank, svd_method=svd_method,
+        )
+        if every_n_epochs is not None and every_n_train_steps is not None:
+            raise ValueError(
+                f"every_n_epochs={every_n_epochs!r} and every_n_train_steps="
+                f"{every_n_train_steps!r} are both set; choose one schedule"
+            )
+        _check_schedule_int("every_n_epochs", every_n_epochs, 1)
+        _check_schedule_int("every_n_train_steps", every_n_train_steps, 1)
+        _check_schedule_int("start", start, 0, optional=False)
+        _check_schedule_int("stop", stop, 1)
+        if stop is not None and stop <= start:
+            raise ValueError(f"stop must be greater than start={start}, got {stop!r}")
+        for flag, value in (("final_projection", final_projection),
+                            ("decompose_on_fit_end", decompose_on_fit_end),
+                            ("log_per_layer", log_per_layer), ("report", report)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_epochs = every_n_epochs or (None if every_n_train_steps else 1)
+        self.start, self.stop = start, stop
+        self.final_projection = final_projection
+        self.decompose_on_fit_end = decompose_on_fit_end
+        self.log_per_layer = log_per_layer
+        self.report = report
+
+        # Run-time state; the counters are saved in checkpoints.
+        self.num_projections = 0
+        self.last_projected_step = -1
+        self.last_projected_epoch = -1
+        self.last_records: list[LayerRecord] = []
+        self.compression: CompressionReport | None = None
+        self._layers: list[TargetLayer] | None = None
+        # {layer name: rank} of the plan; outlives the plan's modules (decomposition).
+        self._ranks: dict[str, int] = {}
+        self._tracer: BNPairTracer | None = None
+        self._example_inputs: Any = None
+        self._input_hook: Any = None
+        self._step_at_batch_start = -1
+
+    # ------------------------------------------------------------------ identity / state
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            rank_ratio=self.config.rank_ratio, ranks=self.config.ranks,
+            include=self.config.include, exclude=self.config.exclude,
+            every_n_epochs=self.every_n_epochs, every_n_train_steps=self.every_n_train_steps,
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "num_projections": self.num_projections,
+            "last_projected_step": self.last_projected_step,
+            "last_projected_epoch": self.last_projected_epoch,
+            # The planned rank of every projected layer, by module name.
+            "ranks": dict(self._ranks),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.num_projections = state_dict["num_projections"]
+        self.last_projected_step = state_dict["last_projected_step"]
+        self.last_projected_epoch = state_dict["last_projected_epoch"]
+        self._ranks = dict(state_dict.get("ranks", {}))
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # The saved module's thin layers, read off the module itself (not restored state: a
+        # dense "best" checkpoint loaded into the decomposed module leaves it decomposed).
+        # Rebuild before loading: decompose_(model, ranks=...); model.load_state_dict(...).
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None:
+            state["decomposed_ranks"] = decomposed_ranks(pl_module)
+
+    # ------------------------------------------------------------------------ schedule
+    def should_project(self, step: int, epoch: int) -> bool:
+        """Whether a scheduled projection fires now. Override for custom schedules.
+
+        Called after every optimizer step (step schedule; ``step`` = optimizer steps done)
+        or at the end of every training epoch (epoch schedule; ``epoch`` is 0-based).
+        """
+        if self.every_n_train_steps is not None:
+            t, n = step, self.every_n_train_steps
+            return t % n == 0 and t >= self.start and (self.stop is None or t < self.stop)
+        return ((epoch + 1) % self.every_n_epochs == 0 and epoch >= self.start
+                and (self.stop is None or epoch < self.stop))
+
+    # ---------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return  # the callback only acts while fitting
+        # Match on the class hierarchy's names so subclasses of these strategies are refused
+        # too, without importing optional backends (deepspeed) just to check.
+        names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
+        if any(s in n for n in names for s in _UNSUPPORTED_STRATEGIES):
+            raise MisconfigurationException(
+                f"LowRankProjectionCallback does not support the {names[0]} strategy: it "
+                "shards parameters, so no process holds a whole weight matrix to project. Use "
+                "strategy='ddp' (or 'ddp_spawn', or a single device)."
+            )
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+        if self._layers is not None:
+            return
+        # Plan once, and trace conv->BN pairs during this very training step: no extra
+        # forward pass. The plan's modules stay valid until the model is decomposed.
+        self._layers = select_layers(pl_module, self.config)
+        self._ranks = {layer.name: layer.rank for layer in self._layers}
+        if self.config.bn_rectification:
+            self._tracer = BNPairTracer(pl_module, self._layers).__enter__()
+        if self.report and self._example_inputs is None:
+            root = self._report_root(pl_module)
+            self._input_hook = root.register_forward_pre_hook(self._capture_inputs,
+                                                              with_kwargs=True)
+        n = len(self._layers)
+        rank_zero_info(f"LRPET: projecting {n} layer(s) "
+                       + (f"every {self.every_n_train_steps} optimizer step(s)"
+                          if self.every_n_train_steps else f"every {self.every_n_epochs} epoch(s)"))
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._finish_tracing(pl_module)
+        step, epoch = trainer.global_step, trainer.current_epoch
+        if self.every_n_train_steps is not None:
+            # Only right after an optimizer step: under gradient accumulation most batches
+            # do not step, and global_step stays put (at 0 before the first step).
+            stepped = step != self._step_at_batch_start
+            if stepped and step > self.last_projected_step and self.should_project(step, epoch):
+                self._project(trainer, pl_module)
+        elif trainer.is_last_batch:
+            # Project on the epoch's last batch, before validation and checkpointing run,
+            # so that this epoch's metrics and checkpoints see the projected weights.
+            self._maybe_project_epoch(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Fallback for loaders of unknown length, where no batch was flagged as last.
+        if self.every_n_train_steps is None:
+            self._maybe_project_epoch(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._remove_hooks()  # a fit that failed in its first step left them behind
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_tracing(pl_module)
+        if self._layers is None:  # no training step ran
+            return
+        if self.final_projection and not self._is_exactly_low_rank(trainer):
+            final = dataclasses.replace(self.config, energy_transfer=False, residual_scale=0.0)
+            self._project(trainer, pl_module, config=final, final=True)
+        if self.report:
+            self._write_report(trainer, pl_module)
+        if self.decompose_on_fit_end:
+            decomposed = decompose_(pl_module, ranks=self._ranks,
+                                    include_linear=self.config.include_linear)
+            self._layers = None  # the planned modules were replaced
+            rank_zero_info(f"LRPET: decomposed {len(decomposed)} layer(s) into thin pairs")
+
+    # ------------------------------------------------------------------------ internals
+    def _is_exactly_low_rank(self, trainer: pl.Trainer) -> bool:
+        return (self.last_projected_step == trainer.global_step
+                and self.config.residual_scale == 0.0)
+
+    def _maybe_project_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch > self.last_projected_epoch and self.should_project(trainer.global_step, epoch):
+            self._project(trainer, pl_module)
+
+    def _remove_input_hook(self) -> None:
+        if self._input_hook is not None:
+            self._input_hook.remove()
+            self._input_hook = None
+
+    def _remove_hooks(self) -> None:
+        self._remove_input_hook()
+        if self._tracer is not None:
+            self._tracer.__exit__()
+            self._tracer = None
+
+    def _finish_tracing(self, pl_module: pl.LightningModule) -> None:
+        self._remove_input_hook()
+        if self._tracer is None:
+            return
+        self._tracer.__exit__()
+        pairs = self._tracer.pairs()
+        self._tracer = None
+        attach_bn_pairs(self._layers or [], pairs)
+        if not pairs and any(isinstance(m, _BatchNorm) for m in pl_module.modules()):
+            rank_zero_warn("LRPET: no conv feeds a BatchNorm directly in the first training "
+                           "step (a compiled model hides its data flow from hooks); BN "
+                           "rectification is off. Set bn_rectification=False to silence this.")
+
+    def _capture_inputs(self, module: nn.Module, args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> None:
+        # One sample of the model's input, for counting FLOPs at fit end.
+        self._remove_input_hook()
+        args, kwargs = _first_sample(args), _first_sample(kwargs)
+        if kwargs and args:
+            rank_zero_warn("LRPET: the model takes positional and keyword inputs; the "
+                           "compression report only replays one kind and is skipped")
+            return
+        self._example_inputs = kwargs or args
+
+    def _project(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 config: LowRankConfig | None = None, final: bool = False) -> None:
+        t0 = time.perf_counter()
+        records = project_layers_(self._layers or [], config or self.config)
+        seconds = time.perf_counter() - t0
+        self.last_records = records
+        self.num_projections += 1
+        self.last_projected_step = trainer.global_step
+        self.last_projected_epoch = trainer.current_epoch
+        done = [r for r in records if r.skipped is None]
+        metrics = {
+            "lrpet/projection_time_s": seconds,
+            "lrpet/num_projections": float(self.num_projections),
+            "lrpet/mean_kept_energy": sum(r.kept_energy for r in done) / max(len(done), 1),
+            "lrpet/mean_relative_change": (sum(r.relative_change for r in done)
+                                           / max(len(done), 1)),
+        }
+        if self.log_per_layer:
+            for r in done:
+                metrics[f"lrpet/kept_energy/{r.name}"] = r.kept_energy
+                metrics[f"lrpet/relative_change/{r.name}"] = r.relative_change
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if final:
+            rank_zero_info(f"LRPET: final projection of {len(done)} layer(s) in {seconds:.2f} s")
+
+    def _report_root(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The network whose input the report counts FLOPs on: the LightningModule's child
+        holding every targeted layer (``self.model``, ``self.net``...), else the module."""
+        heads = {name.split(".")[0] for name in self._ranks}
+        if len(heads) == 1:
+            child = pl_module.get_submodule(heads.pop())
+            if not any(layer.module is child for layer in self._layers or []):
+                return child
+        return pl_module
+
+    def _compression_report(self, pl_module: pl.LightningModule) -> CompressionReport:
+        root = self._report_root(pl_module)
+        # A torch.compile'd net: count FLOPs on the eager module it wraps (no recompiling).
+        root = getattr(root, "_orig_mod", root)
+        prefix = next(n for n, m in pl_module.named_modules() if m is root)
+        strip = len(prefix) + 1 if prefix else 0
+        ranks = {name[strip:]: rank for name, rank in self._ranks.items()}
+        # Count on copies: running the live model would fire its hooks and whatever side
+        # effects its forward has, after training.
+        dense = copy.deepcopy(root)
+        compact = copy.deepcopy(root)
+        decompose_(compact, ranks=ranks, include_linear=self.config.include_linear)
+        return compression_report(dense, compact, self._example_inputs)
+
+    def _write_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: on every rank
+        if self._example_inputs is None:
+            rank_zero_warn("LRPET: no model input was seen during training; the compression "
+                           "report is skipped")
+            return
+        try:
+            self.compression = self._compression_report(pl_module)
+        except Exception as err:  # noqa: BLE001 - a report must not fail a finished training
+            rank_zero_warn(f"LRPET: the compression report failed and is skipped: "
+                           f"{type(err).__name__}: {err}")
+            return
+        if trainer.is_global_zero:
+            rank_zero_info("LRPET compression report:\n" + self.compression.format_table())
+            os.makedirs(log_dir, exist_ok=True)
+            path = os.path.join(log_dir, "compression_report.json")
+            with open(path, "w") as f:
+                json.dump(self.compression.to_dict(), f, indent=2)
+        for logger in trainer.loggers:
+            logger.log_metrics({"lrpet/flops_reduction": self.compression.flops_reduction,
+                                "lrpet/params_reduction": self.compression.params_reduction},
+                               step=trainer.global_step)
+
+
+def _first_sample(inputs: Any) -> Any:
+    """The first sample of a batch (``t[:1]`` of every tensor, detached), in the same nesting."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:1].detach().clone() if inputs.dim() > 0 else inputs.detach().clone()
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_first_sample(x) for x in inputs)
+    if isinstance(inputs, Mapping):
+        return {k: _first_sample(v) for k, v in inputs.items()}
+    return inputs

@@ -1,0 +1,135 @@
+"""The Hydra app: every config composes, train(cfg) runs, a run's compact model reloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from lrpet_lightning.app.train import config_dir, load_compact_model, train
+
+CONF = config_dir()
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+
+
+def _compose(*overrides: str) -> DictConfig:
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return compose("train", overrides=list(overrides))
+
+
+def _tiny(tmp_path: Path, *overrides: str) -> DictConfig:
+    """A config that trains for seconds: a few batches, no progress bar, no checkpoint."""
+    return _compose(
+        f"output_dir={tmp_path}", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
+        "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
+        "+trainer.enable_progress_bar=false", "~callbacks.progress_bar", *overrides,
+    )
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))],
+)
+def test_every_config_composes(group: str, option: str) -> None:
+    cfg = _compose(f"{group}={option}", "output_dir=/tmp/unused")
+    assert cfg.data is not None and cfg.trainer is not None
+
+
+def test_default_composition_is_digits_resnet20_with_lrpet() -> None:
+    cfg = _compose("output_dir=/tmp/unused")
+    assert cfg.data._target_.endswith("DigitsDataModule")
+    assert cfg.model.arch == "resnet20"
+    assert set(cfg.callbacks) == {"model_checkpoint", "lr_monitor", "progress_bar", "lrpet"}
+    assert cfg.callbacks.lrpet._target_ == "lrpet_lightning.LowRankProjectionCallback"
+
+
+@pytest.mark.parametrize("model", ["resnet20", "resnet32", "vgg16_bn"])
+def test_train_runs_each_cifar_model_on_fake_data(tmp_path: Path, model: str) -> None:
+    cfg = _tiny(tmp_path, f"model={model}", "data=fake", "data.num_samples=16",
+                "data.batch_size=8")
+    results = train(cfg)
+    assert 0.0 <= results["test_acc"] <= 1.0
+    assert results["flops_reduction"] > 0.3
+
+
+@pytest.mark.parametrize("arch", ["tv_resnet18", "tv_mobilenet_v2"])
+def test_train_runs_torchvision_models(tmp_path: Path, arch: str) -> None:
+    small = "true" if arch == "tv_resnet18" else "false"
+    cfg = _tiny(tmp_path, "model=torchvision", f"model.arch={arch}", f"model.small_input={small}",
+                "data=fake", "data.num_samples=8", "data.batch_size=4")
+    results = train(cfg)
+    assert results["flops_reduction"] > 0.0
+
+
+def test_digits_run_writes_results_and_a_compact_model_that_reloads(tmp_path: Path) -> None:
+    cfg = _tiny(tmp_path)
+    results = train(cfg)
+    written = json.loads((tmp_path / "results.json").read_text())
+    for key in ("test_acc", "val_acc", "flops_reduction", "params_reduction", "rank_ratio",
+                "compact_model", "report"):
+        assert key in written, key
+    assert written["rank_ratio"] == 0.4
+    assert (tmp_path / "compression_report.md").read_text().startswith("| layer")
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+    # The reloaded compact model predicts exactly what the run tested.
+    model = load_compact_model(results["compact_model"])
+    import hydra
+
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("test")
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in dm.test_dataloader():
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+            if total >= 2 * cfg.data.batch_size:  # limit_test_batches=2
+                break
+    assert correct / total == pytest.approx(results["test_acc"], abs=1e-6)
+
+
+def test_unknown_model_or_data_lists_the_options() -> None:
+    with pytest.raises(Exception, match="resnet20"):
+        _compose("model=resnet99", "output_dir=/tmp/unused")
+    with pytest.raises(Exception, match="digits"):
+        _compose("data=mnist", "output_dir=/tmp/unused")
+
+
+def test_missing_imagenet_path_is_explained(tmp_path: Path) -> None:
+    cfg = _tiny(tmp_path, "data=imagenet", f"data.root={tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match="train"):
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_wheel_install_finds_its_configs_from_another_directory(tmp_path: Path) -> None:
+    """A plain (non-editable) install ships conf/ inside the package."""
+    repo = Path(__file__).resolve().parent.parent
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(repo)],
+        check=True, capture_output=True,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import lrpet_lightning.app.train as t; print(t.config_dir())"],
+        cwd=elsewhere, env=env, check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    assert out.startswith(str(target)), out
+    run = subprocess.run(
+        [sys.executable, "-m", "lrpet_lightning.app", "--cfg", "job"],
+        cwd=elsewhere, env=env, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "DigitsDataModule" in run.stdout
