@@ -85,7 +85,8 @@ class LowRankConfig:
         include_linear: also target ``nn.Linear`` layers (convs are always targets).
         include, exclude: glob patterns on qualified module names.
         min_rank: smallest rank any layer keeps.
-        svd_method: ``"exact"``, ``"gram"`` or ``"randomized"`` (see ``top_singular_triplets``).
+        svd_method: ``"gram"`` (default), ``"exact"`` or ``"randomized"``
+            (see ``top_singular_triplets``).
     """
 
     rank_ratio: float | None = None
@@ -97,7 +98,7 @@ class LowRankConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     min_rank: int = 1
-    svd_method: str = "exact"
+    svd_method: str = "gram"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise fields once, here

@@ -231,6 +231,8 @@ def factorize_matrix(M: Tensor, r: int) -> tuple[Tensor, Tensor]:
     Exact when ``M`` has rank ``r`` (ALGORITHM.md §6); otherwise the best rank-``r``
     approximation. The square root splits the scale evenly between the two thin layers.
     """
-    U, s, Vh = torch.linalg.svd(M, full_matrices=False)
-    root = s[:r].sqrt()
-    return U[:, :r] * root, root.unsqueeze(1) * Vh[:r]
+    # The top-r triplets from the Gram matrix: an order of magnitude faster than a full SVD
+    # on CPU and, in float64, exact to round-off for the triplets that carry the weight.
+    U, s, V, _ = top_singular_triplets(M.double(), r, "gram")
+    root = s.sqrt()
+    return (U * root).to(M.dtype), (root.unsqueeze(1) * V.mT).to(M.dtype)

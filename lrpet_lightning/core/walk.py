@@ -183,7 +183,7 @@ class BNPairTracer:
     def __init__(self, model: nn.Module, layers: Iterable[TargetLayer]) -> None:
         self._model = model
         self._layer_names = {id(layer.module): layer.name for layer in layers}
-        self._outputs: dict[int, tuple[Tensor, str]] = {}
+        self._outputs: dict[int, tuple[Tensor, str, int | None]] = {}
         self._found: dict[str, set[str]] = {}
         self._bns: dict[str, _BatchNorm] = {}
         self._handles: list[Any] = []
@@ -207,14 +207,16 @@ class BNPairTracer:
 
     def _on_layer_output(self, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, Tensor):
-            self._outputs[id(output)] = (output, self._layer_names[id(module)])
+            self._outputs[id(output)] = (output, self._layer_names[id(module)], _version(output))
 
     def _make_bn_hook(self, bn_name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], Tensor):
                 return
             entry = self._outputs.get(id(args[0]))
-            if entry is not None and entry[0] is args[0]:
+            # An in-place op between layer and BN (conv -> ReLU(inplace=True) -> BN) hands
+            # the BN the same tensor object, modified: its version counter tells them apart.
+            if entry is not None and entry[0] is args[0] and entry[2] == _version(args[0]):
                 self._found.setdefault(entry[1], set()).add(bn_name)
 
         return hook
@@ -234,6 +236,14 @@ class BNPairTracer:
                     stacklevel=2,
                 )
         return out
+
+
+def _version(tensor: Tensor) -> int | None:
+    """The tensor's in-place version counter; None for inference-mode tensors (no counter)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def run_forward(model: nn.Module, example_inputs: Any) -> Any:
