@@ -21,13 +21,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from lrpet_lightning.core.config import LowRankConfig
+from lrpet_lightning.core.distributed import project_layers_distributed_
 from lrpet_lightning.core.report import CompressionReport, compression_report
 from lrpet_lightning.core.transforms import (
     LayerRecord,
     attach_bn_pairs,
     decompose_,
     decomposed_ranks,
-    project_layers_,
 )
 from lrpet_lightning.core.walk import BNPairTracer, TargetLayer, select_layers
 
@@ -49,9 +49,30 @@ class LowRankProjectionCallback(Callback):
     r"""Train a low-rank network from scratch with LRPET (low-rank projection with energy transfer).
 
     SGD runs at full size; on schedule, every targeted weight matrix is projected onto rank
-    ``r`` by truncated SVD, with energy transfer and BN rectification. At the end of fit a
+    ``r`` by truncated SVD, with energy transfer and BN rectification, written into the same
+    Parameter objects (the optimizer and its momentum are untouched). At the end of fit a
     final projection makes the weights exactly low rank, and a compression report (FLOPs
-    and parameters of the two-thin-layer model) is logged, printed and written as JSON.
+    and parameters of the two-thin-layer model) is logged, printed and written to
+    ``<trainer.log_dir>/compression_report.json``.
+
+    - The layers are planned, and the BatchNorm following each conv is traced, during the
+      first training step itself: no extra forward pass.
+    - Epoch schedule: the projection runs on the epoch's last batch, before validation and
+      checkpointing, so that epoch's metrics and checkpoints see the projected weights.
+      Step schedule: right after an optimizer step (never on an accumulating batch).
+      Override :meth:`should_project` for any other schedule.
+    - Logged through the trainer's loggers: ``lrpet/projection_time_s``,
+      ``lrpet/num_projections``, ``lrpet/mean_kept_energy``, ``lrpet/mean_relative_change``
+      (and per layer with ``log_per_layer``), then ``lrpet/flops_reduction`` and
+      ``lrpet/params_reduction`` at fit end.
+    - Checkpointed state (one entry per ``state_key``, so several instances can coexist):
+      the projection counters, ``ranks`` (``{layer: planned rank}``) and
+      ``decomposed_ranks`` (the saved module's thin layers). To load a checkpoint saved
+      after decomposition into a fresh dense model, rebuild first:
+      ``decompose_(model, ranks=state["decomposed_ranks"]); model.load_state_dict(...)``.
+    - Works with DDP, AMP and ``bf16-true`` (the SVD runs in float32), and with a model
+      or network compiled by ``torch.compile``. FSDP, DeepSpeed and ModelParallel shard
+      parameters and are refused in ``setup``.
 
     The maths keywords are those of :func:`lrpet_lightning.project_low_rank_`.
 
@@ -81,6 +102,10 @@ class LowRankProjectionCallback(Callback):
         log_per_layer: also log each layer's kept energy and relative change.
         report: compute, print and save the compression report at fit end.
 
+    Raises:
+        ValueError, TypeError: a bad argument (named in the message), at construction.
+        MisconfigurationException: in ``setup``, for a strategy that shards parameters.
+
     Example:
         >>> trainer = L.Trainer(callbacks=[LowRankProjectionCallback(rank_ratio=0.25)])
         >>> trainer.fit(model, datamodule)
@@ -97,7 +122,7 @@ class LowRankProjectionCallback(Callback):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         min_rank: int = 1,
-        svd_method: str = "exact",
+        svd_method: str = "gram",
         every_n_epochs: int | None = None,
         every_n_train_steps: int | None = None,
         start: int = 0,
@@ -151,6 +176,10 @@ class LowRankProjectionCallback(Callback):
         self._example_inputs: Any = None
         self._input_hook: Any = None
         self._step_at_batch_start = -1
+        self._projected_this_epoch = False
+        # True while the weights are exactly low rank: projected with residual_scale=0 and
+        # no optimizer step since. Per fit, so a callback reused by a new Trainer is right.
+        self._exact = False
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -207,6 +236,8 @@ class LowRankProjectionCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return  # the callback only acts while fitting
+        # Plan afresh in every fit: this one may train another model.
+        self._layers, self._example_inputs, self._exact = None, None, False
         # Match on the class hierarchy's names so subclasses of these strategies are refused
         # too, without importing optional backends (deepspeed) just to check.
         names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
@@ -243,16 +274,22 @@ class LowRankProjectionCallback(Callback):
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         self._finish_tracing(pl_module)
         step, epoch = trainer.global_step, trainer.current_epoch
+        # Under gradient accumulation most batches do not step the optimizer, and
+        # global_step stays put (at 0 before the first step).
+        stepped = step != self._step_at_batch_start
+        if stepped:
+            self._exact = False
         if self.every_n_train_steps is not None:
-            # Only right after an optimizer step: under gradient accumulation most batches
-            # do not step, and global_step stays put (at 0 before the first step).
-            stepped = step != self._step_at_batch_start
-            if stepped and step > self.last_projected_step and self.should_project(step, epoch):
+            if stepped and self.should_project(step, epoch):  # right after a step, once
                 self._project(trainer, pl_module)
         elif trainer.is_last_batch:
             # Project on the epoch's last batch, before validation and checkpointing run,
             # so that this epoch's metrics and checkpoints see the projected weights.
             self._maybe_project_epoch(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._projected_this_epoch = False
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -274,7 +311,7 @@ class LowRankProjectionCallback(Callback):
         self._finish_tracing(pl_module)
         if self._layers is None:  # no training step ran
             return
-        if self.final_projection and not self._is_exactly_low_rank(trainer):
+        if self.final_projection and not self._exact:
             final = dataclasses.replace(self.config, energy_transfer=False, residual_scale=0.0)
             self._project(trainer, pl_module, config=final, final=True)
         if self.report:
@@ -286,14 +323,11 @@ class LowRankProjectionCallback(Callback):
             rank_zero_info(f"LRPET: decomposed {len(decomposed)} layer(s) into thin pairs")
 
     # ------------------------------------------------------------------------ internals
-    def _is_exactly_low_rank(self, trainer: pl.Trainer) -> bool:
-        return (self.last_projected_step == trainer.global_step
-                and self.config.residual_scale == 0.0)
-
     def _maybe_project_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if epoch > self.last_projected_epoch and self.should_project(trainer.global_step, epoch):
+        if not self._projected_this_epoch and self.should_project(trainer.global_step,
+                                                                  trainer.current_epoch):
             self._project(trainer, pl_module)
+            self._projected_this_epoch = True
 
     def _remove_input_hook(self) -> None:
         if self._input_hook is not None:
@@ -332,9 +366,13 @@ class LowRankProjectionCallback(Callback):
 
     def _project(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                  config: LowRankConfig | None = None, final: bool = False) -> None:
+        config = config or self.config
         t0 = time.perf_counter()
-        records = project_layers_(self._layers or [], config or self.config)
+        # Under DDP each layer is projected once, by one rank, and broadcast: the replicas
+        # stay bitwise identical and the SVD work is shared (a plain call otherwise).
+        records = project_layers_distributed_(self._layers or [], config)
         seconds = time.perf_counter() - t0
+        self._exact = config.residual_scale == 0.0
         self.last_records = records
         self.num_projections += 1
         self.last_projected_step = trainer.global_step
