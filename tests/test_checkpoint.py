@@ -1,0 +1,62 @@
+"""Compact checkpoints: thin-layer weights plus the ranks that rebuild them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lrpet_lightning import decompose_, decomposed_ranks, load_compact, project_low_rank_
+from lrpet_lightning.core.checkpoint import read_compact, save_compact
+from lrpet_lightning.models import build_model
+
+
+def _compact_resnet20(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("resnet20")
+    project_low_rank_(model, rank_ratio=0.3, example_inputs=torch.randn(2, 3, 32, 32))
+    decompose_(model, rank_ratio=0.3)
+    return model.eval()
+
+
+def test_round_trip_rebuilds_thin_layers_and_outputs(tmp_path: Path) -> None:
+    model = _compact_resnet20()
+    path = save_compact(model, tmp_path / "m.pt", arch="resnet20")
+    fresh = load_compact(build_model("resnet20"), path).eval()
+    assert decomposed_ranks(fresh) == decomposed_ranks(model)
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(fresh(x), model(x))
+    assert read_compact(path)["metadata"] == {"arch": "resnet20"}
+
+
+def test_file_loads_with_weights_only(tmp_path: Path) -> None:
+    path = save_compact(_compact_resnet20(), tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)  # no pickled code needed
+    assert payload["format"] == "lrpet-compact-v1"
+    assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed into place
+
+
+def test_dense_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="decompose_"):
+        save_compact(build_model("resnet20"), tmp_path / "m.pt")
+
+
+def test_other_architecture_names_the_layer(tmp_path: Path) -> None:
+    path = save_compact(_compact_resnet20(), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="layer3.*same architecture|same architecture"):
+        load_compact(build_model("vgg16_bn"), path)
+
+
+def test_same_names_other_shapes_name_the_key(tmp_path: Path) -> None:
+    path = save_compact(_compact_resnet20(), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"linear\.weight.*expects"):
+        load_compact(build_model("resnet20", num_classes=100), path)
+
+
+def test_not_a_compact_file(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(ValueError, match="not an lrpet_lightning compact model"):
+        load_compact(build_model("resnet20"), path)
