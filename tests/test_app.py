@@ -133,3 +133,19 @@ def test_wheel_install_finds_its_configs_from_another_directory(tmp_path: Path) 
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "DigitsDataModule" in run.stdout
+
+
+@pytest.mark.parametrize("logger,package", [("tensorboard", "tensorboard"), ("mlflow", "mlflow"),
+                                            ("wandb", "wandb")])
+def test_optional_loggers_explain_a_missing_package(tmp_path: Path, logger: str,
+                                                     package: str) -> None:
+    import importlib.util
+
+    from lrpet_lightning.app.train import _instantiate_logger
+
+    cfg = _compose(f"logger={logger}", f"output_dir={tmp_path}")
+    if importlib.util.find_spec(package) is not None:
+        assert _instantiate_logger(cfg) is not None
+    else:
+        with pytest.raises(RuntimeError, match="install it, or use logger=csv"):
+            _instantiate_logger(cfg)
