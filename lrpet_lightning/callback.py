@@ -28,6 +28,7 @@ from lrpet_lightning.core.transforms import (
     attach_bn_pairs,
     decompose_,
     decomposed_ranks,
+    match_architecture_,
 )
 from lrpet_lightning.core.walk import BNPairTracer, TargetLayer, select_layers
 
@@ -175,6 +176,7 @@ class LowRankProjectionCallback(Callback):
         self._tracer: BNPairTracer | None = None
         self._example_inputs: Any = None
         self._input_hook: Any = None
+        self._hooked: nn.Module | None = None  # the module whose loads match checkpoints
         self._step_at_batch_start = -1
         self._projected_this_epoch = False
         # True while the weights are exactly low rank: projected with residual_scale=0 and
@@ -234,8 +236,14 @@ class LowRankProjectionCallback(Callback):
     # ---------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # A checkpoint of a decomposed model must load into a dense module too (resume,
+        # trainer.test(ckpt_path=...)): before any load, decompose the layers it holds as
+        # thin pairs. The reverse needs nothing (a factorized layer splits a dense weight).
+        if self._hooked is not pl_module:
+            pl_module.register_load_state_dict_pre_hook(_match_checkpoint)
+            self._hooked = pl_module
         if stage != "fit":
-            return  # the callback only acts while fitting
+            return  # the rest only acts while fitting
         # Plan afresh in every fit: this one may train another model.
         self._layers, self._example_inputs, self._exact = None, None, False
         # Match on the class hierarchy's names so subclasses of these strategies are refused
@@ -440,6 +448,14 @@ class LowRankProjectionCallback(Callback):
             logger.log_metrics({"lrpet/flops_reduction": self.compression.flops_reduction,
                                 "lrpet/params_reduction": self.compression.params_reduction},
                                step=trainer.global_step)
+
+
+def _match_checkpoint(module: nn.Module, state_dict: Mapping[str, Any], prefix: str,
+                      *args: Any) -> None:
+    decomposed = match_architecture_(module, state_dict, prefix)
+    if decomposed:
+        rank_zero_info(f"LRPET: decomposed {len(decomposed)} layer(s) to load a checkpoint "
+                       "of a decomposed model")
 
 
 def _first_sample(inputs: Any) -> Any:

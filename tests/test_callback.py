@@ -500,6 +500,24 @@ def test_decompose_on_fit_end_and_test_best_checkpoint(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- 8. works with ...
+def test_decomposed_checkpoint_loads_into_a_fresh_dense_model(tmp_path: Path) -> None:
+    model = Tiny()
+    cb = LowRankProjectionCallback(rank_ratio=0.25, decompose_on_fit_end=True, report=False)
+    trainer = make_trainer([cb], max_epochs=1)
+    trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "compact.ckpt")
+    (expected,) = trainer.test(model, verbose=False)
+
+    # A new dense model: the callback decomposes it to the checkpoint's thin layers before
+    # the weights load (without the callback Lightning would report missing/unexpected keys).
+    fresh = Tiny()
+    other = LowRankProjectionCallback(rank_ratio=0.25, report=False)
+    (result,) = make_trainer([other]).test(fresh, ckpt_path=tmp_path / "compact.ckpt",
+                                            verbose=False)
+    assert decomposed_ranks(fresh) == dict.fromkeys(CONVS, RANK)
+    assert result["test_loss"] == pytest.approx(expected["test_loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision(precision: str) -> None:
     try:

@@ -60,3 +60,26 @@ def test_not_a_compact_file(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ValueError, match="not an lrpet_lightning compact model"):
         load_compact(build_model("resnet20"), path)
+
+
+def test_match_architecture_rebuilds_a_dense_model_for_a_decomposed_state_dict() -> None:
+    from lrpet_lightning import match_architecture_
+
+    model = _compact_resnet20()
+    dense = build_model("resnet20")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        dense.load_state_dict(model.state_dict())
+    ranks = match_architecture_(dense, model.state_dict())
+    assert ranks == decomposed_ranks(model)
+    dense.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(dense.eval()(x), model(x))
+
+
+def test_no_unsafe_torch_load_in_the_package() -> None:
+    import re
+
+    package = Path(__file__).resolve().parent.parent / "lrpet_lightning"
+    for path in package.rglob("*.py"):
+        for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
+            assert "weights_only=True" in call, f"{path}: {call}"

@@ -29,6 +29,7 @@ __all__ = [
     "attach_bn_pairs",
     "decompose_",
     "decomposed_ranks",
+    "match_architecture_",
     "project_layers_",
     "project_low_rank_",
     "recompose_",
@@ -283,6 +284,42 @@ def decompose_(
         log.info("decompose_ keeps %d layer(s) dense (no parameter saving): %s",
                  len(kept_dense), ", ".join(kept_dense))
     return decomposed
+
+
+_FIRST = ".first.weight"
+
+
+@torch.no_grad()
+def match_architecture_(
+    model: nn.Module, state_dict: Mapping[str, Any], prefix: str = ""
+) -> dict[str, int]:
+    """Decompose the dense layers of ``model`` that ``state_dict`` holds as thin pairs, at
+    the ranks read off the thin weights' shapes, so that the state dict loads.
+
+    The other direction needs nothing: a factorized layer loads a dense weight by
+    splitting it. Returns ``{layer name: rank}`` of the layers decomposed now.
+
+    Example:
+        >>> match_architecture_(dense_model, torch.load(path, weights_only=True))
+        >>> dense_model.load_state_dict(...)  # now decomposed where the file is
+    """
+    modules = dict(model.named_modules())
+    ranks = {}
+    for key, value in state_dict.items():
+        if not (key.startswith(prefix) and key.endswith(_FIRST)):
+            continue
+        name = key[len(prefix):-len(_FIRST)]
+        module = modules.get(name)
+        if module is not None and not isinstance(module, FactorizedLayer) and any(
+            isinstance(module, t) for t in FACTORIZED_TYPES
+        ):
+            ranks[name] = int(value.shape[0])
+    for name, rank in ranks.items():
+        module = model.get_submodule(name)
+        _set_submodule(model, name, _factorized_type(module).from_dense(module, rank))
+    if ranks:
+        log.info("match_architecture_: decomposed %d layer(s) to match a checkpoint", len(ranks))
+    return ranks
 
 
 def decomposed_ranks(model: nn.Module) -> dict[str, int]:
