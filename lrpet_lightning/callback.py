@@ -178,6 +178,7 @@ class LowRankProjectionCallback(Callback):
         self._input_hook: Any = None
         self._hooked: nn.Module | None = None  # the module whose loads match checkpoints
         self._step_at_batch_start = -1
+        self._traced = False
         self._projected_this_epoch = False
         # True while the weights are exactly low rank: projected with residual_scale=0 and
         # no optimizer step since. Per fit, so a callback reused by a new Trainer is right.
@@ -257,25 +258,31 @@ class LowRankProjectionCallback(Callback):
             )
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Plan here, after configure_model and before the first step, so that a pattern
+        # that matches nothing fails before any training time is spent.
+        self._layers = select_layers(pl_module, self.config)
+        self._ranks = {layer.name: layer.rank for layer in self._layers}
+        self._traced = False
+        n = len(self._layers)
+        rank_zero_info(f"LRPET: projecting {n} layer(s) "
+                       + (f"every {self.every_n_train_steps} optimizer step(s)"
+                          if self.every_n_train_steps else f"every {self.every_n_epochs} epoch(s)"))
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
-        if self._layers is not None:
+        if self._traced or self._layers is None:
             return
-        # Plan once, and trace conv->BN pairs during this very training step: no extra
-        # forward pass. The plan's modules stay valid until the model is decomposed.
-        self._layers = select_layers(pl_module, self.config)
-        self._ranks = {layer.name: layer.rank for layer in self._layers}
+        # Trace conv->BN pairs during this very training step: no extra forward pass.
+        self._traced = True
         if self.config.bn_rectification:
             self._tracer = BNPairTracer(pl_module, self._layers).__enter__()
         if self.report and self._example_inputs is None:
             root = self._report_root(pl_module)
             self._input_hook = root.register_forward_pre_hook(self._capture_inputs,
                                                               with_kwargs=True)
-        n = len(self._layers)
-        rank_zero_info(f"LRPET: projecting {n} layer(s) "
-                       + (f"every {self.every_n_train_steps} optimizer step(s)"
-                          if self.every_n_train_steps else f"every {self.every_n_epochs} epoch(s)"))
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -317,7 +324,7 @@ class LowRankProjectionCallback(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish_tracing(pl_module)
-        if self._layers is None:  # no training step ran
+        if self._layers is None or not self._traced:  # no training step ran
             return
         if self.final_projection and not self._exact:
             final = dataclasses.replace(self.config, energy_transfer=False, residual_scale=0.0)

@@ -149,3 +149,32 @@ def test_optional_loggers_explain_a_missing_package(tmp_path: Path, logger: str,
     else:
         with pytest.raises(RuntimeError, match="install it, or use logger=csv"):
             _instantiate_logger(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("callbacks.lrpet.rank_ratio=1.5", "rank_ratio must be a number in"),
+        ("callbacks.lrpet.rank_ratio=abc", "rank_ratio must be a number in"),
+        ("callbacks.lrpet.residual_scale=2", "residual_scale must be a number in"),
+        ("callbacks.lrpet.every_n_epochs=0", "every_n_epochs must be an int >= 1"),
+        ("callbacks.lrpet.svd_method=qr", "svd_method must be one of"),
+        ("callbacks.lrpet.include=[nothing.*]", "include pattern 'nothing.\\*' matches no"),
+        ("callbacks.lrpet.ranks={layer9.conv: 4}", "ranks pattern 'layer9.conv' matches no"),
+        ("model.arch=resnet99", "available models"),
+        ("data.batch_size=0", "batch_size"),
+    ],
+)
+def test_bad_overrides_fail_before_training_with_a_clear_message(
+    tmp_path: Path, override: str, match: str
+) -> None:
+    cfg = _tiny(tmp_path, override)
+    with pytest.raises(Exception, match=match):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # no training step ran
+
+
+def test_step_schedule_override_alone_is_enough(tmp_path: Path) -> None:
+    cfg = _tiny(tmp_path, "callbacks.lrpet.every_n_train_steps=2")
+    results = train(cfg)
+    assert results["flops_reduction"] > 0.5

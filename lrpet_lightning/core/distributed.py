@@ -24,7 +24,12 @@ __all__ = ["assign_owners", "project_layers_distributed_", "svd_cost"]
 
 
 def svd_cost(layer: TargetLayer) -> int:
-    """Relative cost of one layer's projection: ``rows * cols * min(rows, cols)``."""
+    """Relative cost of one layer's projection: ``rows * cols * min(rows, cols)``.
+
+    Zero for a layer kept at full rank: ``project_layers_`` skips it without a solve.
+    """
+    if layer.rank >= layer.full_rank:
+        return 0
     rows = layer.module.weight.shape[0]
     cols = layer.module.weight[0].numel()
     return rows * cols * min(rows, cols)
@@ -34,7 +39,15 @@ def assign_owners(costs: Sequence[int], world_size: int) -> list[int]:
     """Owner rank of each job: longest job first onto the least loaded rank (LPT).
 
     Deterministic (ties broken by index and rank), so every rank computes the same plan.
+    The largest load exceeds the best possible one by at most the largest job.
+
+    Raises:
+        ValueError: ``world_size`` is not an int >= 1, or a cost is negative.
     """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if any(c < 0 for c in costs):
+        raise ValueError(f"costs must be >= 0, got {list(costs)!r}")
     owners = [0] * len(costs)
     loads = [(0, rank) for rank in range(world_size)]
     heapq.heapify(loads)
