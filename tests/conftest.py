@@ -23,3 +23,13 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
         yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need CUDA; CI has none, so they are skipped there."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
