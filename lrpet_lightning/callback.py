@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
+from lrpet_lightning.core.checkpoint import atomic_write
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.distributed import project_layers_distributed_
 from lrpet_lightning.core.report import CompressionReport, compression_report
@@ -449,7 +450,7 @@ class LowRankProjectionCallback(Callback):
             rank_zero_info("LRPET compression report:\n" + self.compression.format_table())
             os.makedirs(log_dir, exist_ok=True)
             path = os.path.join(log_dir, "compression_report.json")
-            with open(path, "w") as f:
+            with atomic_write(path) as f:
                 json.dump(self.compression.to_dict(), f, indent=2)
         for logger in trainer.loggers:
             logger.log_metrics({"lrpet/flops_reduction": self.compression.flops_reduction,

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lrpet_lightning.app.module import ImageClassifier
 from lrpet_lightning.callback import LowRankProjectionCallback
-from lrpet_lightning.core.checkpoint import read_compact, save_compact
+from lrpet_lightning.core.checkpoint import atomic_write, read_compact, save_compact
 from lrpet_lightning.core.checkpoint import load_compact as _load_compact
 from lrpet_lightning.core.transforms import decompose_, decomposed_ranks
 from lrpet_lightning.models import build_model
@@ -91,8 +91,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if lrpet is not None and lrpet.compression is not None:
         report = lrpet.compression
-        (out / "compression_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        (out / "compression_report.md").write_text(report.to_markdown())
+        _write(out / "compression_report.json", json.dumps(report.to_dict(), indent=2))
+        _write(out / "compression_report.md", report.to_markdown())
         results.update(flops_reduction=report.flops_reduction,
                        params_reduction=report.params_reduction,
                        report=str(out / "compression_report.json"))
@@ -104,9 +104,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["compact_model"] = str(path)
     results["wall_time_s"] = time.perf_counter() - t0
     if trainer.is_global_zero:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        _write(out / "results.json", json.dumps(results, indent=2))
         print(_summary(results))
     return results
+
+
+def _write(path: Path, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def _summary(results: dict[str, Any]) -> str:

@@ -4,17 +4,36 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 
 from lrpet_lightning.core.transforms import decompose_, decomposed_ranks
 
-__all__ = ["COMPACT_FORMAT", "load_compact", "read_compact", "save_compact"]
+__all__ = ["COMPACT_FORMAT", "atomic_write", "load_compact", "read_compact", "save_compact"]
 
 COMPACT_FORMAT = "lrpet-compact-v1"
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` and rename it onto ``path`` once fully written:
+    an interrupted write never leaves a truncated file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_compact(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
@@ -30,17 +49,10 @@ def save_compact(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
             f"model {type(model).__name__} has no factorized layer; call decompose_(model) first"
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": COMPACT_FORMAT, "ranks": ranks, "metadata": metadata,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(payload, f)
     return path
 
 
