@@ -332,7 +332,13 @@ class LowRankProjectionCallback(Callback):
             self._project(trainer, pl_module, config=final, final=True)
         if self.report:
             self._write_report(trainer, pl_module)
-        if self.decompose_on_fit_end:
+        if self.decompose_on_fit_end and _spawned(trainer):
+            # ddp_spawn/ddp_fork hand only a dense-shaped state dict back to the main process
+            # (loaded non-strictly): thin layers would be silently dropped there.
+            rank_zero_warn("LRPET: decompose_on_fit_end is skipped under ddp_spawn/ddp_fork "
+                           "(the main process only gets dense weights back); the weights are "
+                           "exactly low rank: call decompose_(model) after fit")
+        elif self.decompose_on_fit_end:
             decomposed = decompose_(pl_module, ranks=self._ranks,
                                     include_linear=self.config.include_linear)
             self._layers = None  # the planned modules were replaced
@@ -456,6 +462,12 @@ class LowRankProjectionCallback(Callback):
             logger.log_metrics({"lrpet/flops_reduction": self.compression.flops_reduction,
                                 "lrpet/params_reduction": self.compression.params_reduction},
                                step=trainer.global_step)
+
+
+def _spawned(trainer: pl.Trainer) -> bool:
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 def _match_checkpoint(module: nn.Module, state_dict: Mapping[str, Any], prefix: str,

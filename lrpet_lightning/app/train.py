@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-from omegaconf import DictConfig, OmegaConf
+import torch
+import torch.multiprocessing as mp
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lrpet_lightning.app.module import ImageClassifier
 from lrpet_lightning.callback import LowRankProjectionCallback
@@ -52,6 +56,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Writes into ``cfg.output_dir``: logger output, checkpoints, ``compression_report.json``
     and ``.md``, the compact model (``cfg.compact_model_name``) and ``results.json``.
     """
+    if cfg.trainer.get("strategy") == "ddp_spawn" and "LOCAL_RANK" not in os.environ:
+        return _train_spawned(cfg)
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +113,37 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _write(out / "results.json", json.dumps(results, indent=2))
         print(_summary(results))
     return results
+
+
+def _train_spawned(cfg: DictConfig) -> dict[str, Any]:
+    """ddp_spawn, whole: every spawned rank runs all of ``train`` as under torchrun.
+
+    Lightning's own ddp_spawn runs only ``fit`` in the workers and loads rank 0's weights
+    back into this process non-strictly: a model decomposed at fit end and the callback's
+    state would be silently lost, and validate/test would see an untrained network.
+    """
+    devices = cfg.trainer.devices
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"trainer.devices must be a number of processes >= 1 with "
+                         f"strategy=ddp_spawn, got {devices!r}")
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.trainer.strategy = "ddp"  # the ranks are started here, as torchrun would
+    container = OmegaConf.to_container(cfg, resolve=True)  # ${hydra:...} needs this process
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_train_rank, args=(container, devices, port), nprocs=devices,
+                       start_method="spawn")
+    return json.loads((Path(container["output_dir"]) / "results.json").read_text())
+
+
+def _train_rank(local_rank: int, container: dict[str, Any], world_size: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0",
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                      RANK=str(local_rank))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    train(OmegaConf.create(container))
 
 
 def _write(path: Path, text: str) -> None:

@@ -1,0 +1,109 @@
+"""CPU inference latency of an LRPET-compressed ResNet-50 against the dense one.
+
+torchvision ResNet-50 (random weights: latency does not depend on their values), every
+conv projected and decomposed at ``--rank-ratio`` (0.38: 53.5 % fewer FLOPs), run at
+224x224 for each ``--batch-sizes``. Prints latency ratios compact/dense measured side by
+side in one run (interleaved, best of ``--repeats``):
+
+* ``plain``: eval-mode models as they are — two convs per layer, BatchNorm separate, NCHW;
+* ``folded+CL``: BatchNorm folded and channels_last, every layer kept factorized;
+* ``prepared``: ``prepare_for_inference`` (the above, plus each factorized layer timed
+  against its dense equivalent on its own activation shape and the faster form kept);
+
+the dense model is in its best form (BN folded, channels_last) for the last two ratios.
+The FLOPs ratio (``torch.utils.flop_counter``) is the limit to chase.
+
+Run:  python benchmarks/inference.py [--batch-sizes 1 16] [--repeats 10] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+import torchvision
+from torch import nn
+
+from lrpet_lightning import compression_report, decompose_, project_low_rank_
+from lrpet_lightning.core import decomposed_ranks
+from lrpet_lightning.core.inference import prepare_for_inference, race
+
+SIZE = 224
+
+
+def compact_resnet50(rank_ratio: float) -> tuple[nn.Module, nn.Module]:
+    """(dense, compact) ResNet-50 in eval mode; compact = projected then decomposed."""
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet50().eval()
+    compact = copy.deepcopy(dense)
+    project_low_rank_(compact, rank_ratio=rank_ratio, example_inputs=torch.randn(2, 3, SIZE, SIZE))
+    decompose_(compact, rank_ratio=rank_ratio)
+    return dense, compact.eval()
+
+
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether ``model``'s spatial convs hold channels_last weights."""
+    return any(
+        isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)
+        and not m.weight.is_contiguous() and m.weight.is_contiguous(memory_format=torch.channels_last)
+        for m in model.modules()
+    )
+
+
+def bench_batch(dense: nn.Module, compact: nn.Module, batch: int, repeats: int) -> None:
+    x = torch.randn(batch, 3, SIZE, SIZE)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    dense_best = prepare_for_inference(dense, x, channels_last=True, latency_aware=False)
+    folded = prepare_for_inference(compact, x, channels_last=True, latency_aware=False)
+    prep_start = time.perf_counter()
+    prepared = prepare_for_inference(compact, x, repeats=repeats)
+    prep_s = time.perf_counter() - prep_start
+    x_prepared = x_cl if is_channels_last(prepared) else x
+
+    candidates = {
+        "dense plain": lambda: dense(x),
+        "compact plain": lambda: compact(x),
+        "dense best": lambda: dense_best(x_cl),
+        "compact folded+CL": lambda: folded(x_cl),
+        "compact prepared": lambda: prepared(x_prepared),
+    }
+    with torch.no_grad():
+        times = dict(zip(candidates, race(list(candidates.values()), repeats)))
+    made_dense = sorted(set(decomposed_ranks(compact)) - set(decomposed_ranks(prepared)))
+
+    print(f"\nbatch {batch}  (best of {repeats}, interleaved; set-up {time.perf_counter() - start:.0f} s,"
+          f" of which prepare_for_inference {prep_s:.0f} s)")
+    for name, t in times.items():
+        print(f"  {name:18s} {1e3 * t:8.1f} ms")
+    print(f"  ratio plain      (two convs per layer)        {times['compact plain'] / times['dense plain']:.3f}")
+    print(f"  ratio folded+CL  (all layers factorized)      {times['compact folded+CL'] / times['dense best']:.3f}")
+    print(f"  ratio prepared   (latency-aware, CL={is_channels_last(prepared)!s:5s})      "
+          f"{times['compact prepared'] / times['dense best']:.3f}")
+    print(f"  layers made dense by prepare_for_inference: {len(made_dense)} of "
+          f"{len(decomposed_ranks(compact))}: {', '.join(made_dense) or '-'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank-ratio", type=float, default=0.38)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    dense, compact = compact_resnet50(args.rank_ratio)
+    report = compression_report(dense, compact, torch.randn(1, 3, SIZE, SIZE))
+    print(f"torchvision ResNet-50, rank_ratio {args.rank_ratio}, {args.threads} thread(s), "
+          f"torch {torch.__version__}")
+    print(f"  {report.summary()}")
+    print(f"  FLOPs ratio compact/dense {report.compact_flops / report.dense_flops:.3f}")
+    for batch in args.batch_sizes:
+        bench_batch(dense, compact, batch, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Inference-ready models: BatchNorm folded, channels_last where faster, and each
+factorized layer in whichever form — two thin convs or one dense conv — runs faster.
+
+FLOPs are not latency (ALGORITHM.md §6, DESIGN.md pitfalls): two thin convs cost two
+kernel launches, two passes over memory and a thin middle tensor that vector units use
+badly, so a factorized layer can be slower than the dense conv it replaces even with fewer
+FLOPs. :func:`prepare_for_inference` therefore *measures* on the input it is given.
+
+Plain PyTorch: nothing here imports lightning or hydra.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from lrpet_lightning.core.factorized import FactorizedLayer
+from lrpet_lightning.core.walk import CONV_TYPES, BNPairTracer, TargetLayer, run_forward
+
+__all__ = ["fold_batchnorms_", "prepare_for_inference", "race", "use_faster_forms_"]
+
+
+def prepare_for_inference(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    channels_last: bool | Literal["auto"] = "auto",
+    latency_aware: bool = True,
+    repeats: int = 5,
+) -> nn.Module:
+    """An inference-ready copy of ``model`` (decomposed or dense), in eval mode.
+
+    Three steps, each exact up to float round-off (``model`` itself is not modified):
+
+    1. every BatchNorm that directly follows a conv is folded into it (for a
+       ``FactorizedConv`` into its second, 1x1 conv) and replaced by ``nn.Identity``;
+    2. the Conv2d weights are made channels_last (``"auto"``: only if the whole model
+       runs faster that way on ``example_inputs``);
+    3. with ``latency_aware``, each factorized layer is timed against its dense
+       equivalent on the activation it receives and replaced by the dense conv when that
+       is faster.
+
+    Timings are best-of-``repeats``, with candidates interleaved so that a busy machine
+    slows them alike. The choices hold for the batch size and device of
+    ``example_inputs``: prepare once per deployment shape. With channels_last, feed the
+    model channels_last inputs (``x.contiguous(memory_format=torch.channels_last)``);
+    contiguous ones work too, at the cost of one conversion in the first conv.
+
+    Args:
+        model: any ``nn.Module``, typically after ``decompose_``.
+        example_inputs: a tensor (or tuple of args / dict of kwargs) of the deployment shape.
+        channels_last: ``True``, ``False`` or ``"auto"`` (measure both, keep the faster).
+        latency_aware: choose between factorized and dense form per layer by timing.
+        repeats: timed runs per candidate (best one counts), at least 1.
+
+    Returns:
+        The prepared copy.
+
+    Raises:
+        ValueError: a bad argument (named in the message).
+
+    Example:
+        >>> fast = prepare_for_inference(compact_model, torch.randn(16, 3, 224, 224))
+    """
+    if channels_last not in (True, False, "auto"):
+        raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+
+    prepared = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        fold_batchnorms_(prepared, example_inputs)
+        if channels_last == "auto":
+            channels_last = _channels_last_is_faster(prepared, example_inputs, repeats)
+        if channels_last:
+            _to_channels_last_(prepared)
+        if latency_aware:
+            use_faster_forms_(
+                prepared, _to_format(example_inputs, channels_last), repeats,
+                channels_last=channels_last,
+            )
+    return prepared
+
+
+# ------------------------------------------------------------------------ BN folding
+@torch.no_grad()
+def fold_batchnorms_(model: nn.Module, example_inputs: Any) -> list[str]:
+    """Fold each BatchNorm that directly follows a conv into that conv, in place; the
+    BatchNorm becomes ``nn.Identity``. ``model`` must be in eval mode.
+
+    The pairs come from the data flow of one forward pass on ``example_inputs``. A pair is
+    folded only when folding cannot change anything else: the conv runs once, its output
+    goes to the BatchNorm alone (not to another op, not out of the model), and the
+    BatchNorm runs once, with running statistics.
+
+    Returns:
+        The names of the BatchNorms folded.
+    """
+    if model.training:
+        raise ValueError("fold_batchnorms_ needs a model in eval mode; call model.eval() first")
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, CONV_TYPES)}
+    pairs = _sole_conv_bn_pairs(model, convs, example_inputs)
+    for conv_name, bn_name in pairs.items():
+        conv, bn = convs[conv_name], model.get_submodule(bn_name)
+        conv.weight, conv.bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        _set_submodule(model, bn_name, nn.Identity())
+    return list(pairs.values())
+
+
+def _sole_conv_bn_pairs(
+    model: nn.Module, convs: dict[str, nn.Module], example_inputs: Any
+) -> dict[str, str]:
+    """``{conv name: bn name}`` of the pairs that are safe to fold (see ``fold_batchnorms_``)."""
+    # BNPairTracer pairs any layer with the BatchNorm that consumes its output; the rank
+    # fields of TargetLayer only matter for projection.
+    layers = [TargetLayer(name, conv, rank=0, full_rank=0) for name, conv in convs.items()]
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    calls: dict[str, int] = {}
+    outputs: dict[str, Tensor] = {}
+    uses = _UseCounter()
+
+    def on_call(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any = None) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if isinstance(output, Tensor):  # a conv's output: count who uses it
+                outputs[name] = output
+                uses.watch(output)
+
+        return hook
+
+    handles = [conv.register_forward_hook(on_call(n)) for n, conv in convs.items()]
+    handles += [bn.register_forward_pre_hook(on_call(n)) for n, bn in bns.items()]
+    try:
+        with BNPairTracer(model, layers) as tracer, uses:
+            result = run_forward(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    returned = {id(t) for t in tree_leaves(result) if isinstance(t, Tensor)}
+
+    def safe(conv_name: str, bn_name: str) -> bool:
+        out = outputs[conv_name]
+        return (
+            calls[conv_name] == 1
+            and calls[bn_name] == 1
+            and uses.count(out) == 1  # the BatchNorm's own use
+            and id(out) not in returned
+            and bns[bn_name].running_mean is not None  # else eval uses batch statistics
+        )
+
+    return {c: b for c, (b, _) in tracer.pairs().items() if safe(c, b)}
+
+
+class _UseCounter(TorchFunctionMode):
+    """Counts, during a forward pass, how many torch operations take each watched tensor
+    as an input. Queries that return no tensor (``x.dim()``, ``x.shape``) are not uses.
+    Watched tensors are kept referenced so that Python cannot hand a freed tensor's ``id``
+    to another one.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._uses: dict[int, tuple[Tensor, int]] = {}
+
+    def watch(self, tensor: Tensor) -> None:
+        self._uses[id(tensor)] = (tensor, 0)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if any(isinstance(t, Tensor) for t in tree_leaves(out)):
+            for t in tree_leaves((args, kwargs)):
+                entry = self._uses.get(id(t))
+                if entry is not None and entry[0] is t:
+                    self._uses[id(t)] = (t, entry[1] + 1)
+        return out
+
+    def count(self, tensor: Tensor) -> int:
+        entry = self._uses.get(id(tensor))
+        return entry[1] if entry is not None and entry[0] is tensor else 0
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+# ------------------------------------------------------------------------ channels_last
+def _to_channels_last_(model: nn.Module) -> None:
+    # Only 4-D weights have a channels_last layout; Conv1d/Conv3d stay as they are.
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.to(memory_format=torch.channels_last)
+
+
+def _to_format(inputs: Any, channels_last: bool) -> Any:
+    """``inputs`` with every 4-D tensor channels_last (or contiguous, when not)."""
+    if isinstance(inputs, Tensor):
+        if inputs.dim() != 4:
+            return inputs
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return inputs.contiguous(memory_format=fmt)
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_format(x, channels_last) for x in inputs)
+    if isinstance(inputs, dict):
+        return {k: _to_format(v, channels_last) for k, v in inputs.items()}
+    return inputs
+
+
+def _channels_last_is_faster(model: nn.Module, example_inputs: Any, repeats: int) -> bool:
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return False
+    candidate = copy.deepcopy(model)
+    _to_channels_last_(candidate)
+    nchw = _to_format(example_inputs, False)
+    nhwc = _to_format(example_inputs, True)
+    t_nchw, t_nhwc = race(
+        [lambda: run_forward(model, nchw), lambda: run_forward(candidate, nhwc)], repeats
+    )
+    return t_nhwc < t_nchw
+
+
+# ------------------------------------------------------------------------ latency-aware
+@torch.no_grad()
+def use_faster_forms_(
+    model: nn.Module, example_inputs: Any, repeats: int = 5, *, channels_last: bool = False
+) -> list[str]:
+    """Replace, in place, each factorized layer whose dense equivalent runs faster on the
+    activation it receives from ``example_inputs`` (``channels_last``: make a dense Conv2d
+    channels_last, as the rest of the model is). Returns the names of the layers made dense.
+
+    All layers are timed in one race: each round runs every layer in both forms once, so
+    the ``repeats`` runs of one layer are spread over the whole measurement instead of
+    falling together into one burst of load from other processes.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+    inputs = _layer_inputs(model, layers, example_inputs)
+    layers = {n: m for n, m in layers.items() if n in inputs}  # the others never ran
+    denses = {name: layer.to_dense() for name, layer in layers.items()}
+    if channels_last:
+        for dense in denses.values():
+            if isinstance(dense, nn.Conv2d):
+                dense.to(memory_format=torch.channels_last)
+    candidates = []
+    for name, layer in layers.items():
+        candidates += [partial(layer, inputs[name]), partial(denses[name], inputs[name])]
+    times = race(candidates, repeats)
+    made_dense = []
+    for i, name in enumerate(layers):
+        t_factorized, t_dense = times[2 * i], times[2 * i + 1]
+        if t_dense < t_factorized:
+            _set_submodule(model, name, denses[name])
+            made_dense.append(name)
+    return made_dense
+
+
+def _layer_inputs(
+    model: nn.Module, layers: dict[str, nn.Module], example_inputs: Any
+) -> dict[str, Tensor]:
+    """The input tensor each layer receives in one forward pass (its first call's)."""
+    inputs: dict[str, Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], Tensor):
+                # clone: a later in-place op (ReLU(inplace=True)) must not alter it.
+                inputs.setdefault(name, args[0].clone())
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(n)) for n, m in layers.items()]
+    try:
+        run_forward(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
+def race(candidates: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+    """Best-of-``repeats`` wall time of each candidate, in seconds, run interleaved (one
+    run of each per round) after one warm-up run each, so that load on a shared machine
+    hits every candidate alike."""
+    for fn in candidates:
+        fn()
+    best = [float("inf")] * len(candidates)
+    for _ in range(repeats):
+        for i, fn in enumerate(candidates):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
