@@ -8,6 +8,7 @@ from __future__ import annotations
 from lrpet_lightning.core.checkpoint import load_compact, read_compact, save_compact
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.factorized import FactorizedConv, FactorizedLayer, FactorizedLinear
+from lrpet_lightning.core.inference import prepare_for_inference
 from lrpet_lightning.core.linalg import project_matrix, rank_from_ratio, top_singular_triplets
 from lrpet_lightning.core.report import CompressionReport, LayerCost, compression_report
 from lrpet_lightning.core.transforms import (
@@ -36,6 +37,7 @@ __all__ = [
     "decomposed_ranks",
     "load_compact",
     "match_architecture_",
+    "prepare_for_inference",
     "project_layers_",
     "project_low_rank_",
     "project_matrix",

@@ -51,8 +51,11 @@ def prepare_for_inference(
        is faster.
 
     Timings are best-of-``repeats``, with candidates interleaved so that a busy machine
-    slows them alike. The choices hold for the batch size and device of
-    ``example_inputs``: prepare once per deployment shape. With channels_last, feed the
+    slows them alike. The choices hold for the batch size, device and thread count of
+    ``example_inputs`` and the moment: prepare once per deployment shape, on a quiet
+    machine. (When other processes keep every core busy, each kernel launch waits for a
+    time slice — measured here: 16 ms per conv whatever its size — and the form with fewer
+    kernels wins regardless of FLOPs.) With channels_last, feed the
     model channels_last inputs (``x.contiguous(memory_format=torch.channels_last)``);
     contiguous ones work too, at the cost of one conversion in the first conv.
 
@@ -105,6 +108,9 @@ def fold_batchnorms_(model: nn.Module, example_inputs: Any) -> list[str]:
 
     Returns:
         The names of the BatchNorms folded.
+
+    Raises:
+        ValueError: ``model`` is in training mode.
     """
     if model.training:
         raise ValueError("fold_batchnorms_ needs a model in eval mode; call model.eval() first")
