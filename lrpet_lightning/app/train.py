@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     lrpet = _find_lrpet(trainer)
-    if lrpet is not None and not decomposed_ranks(net):
+    if lrpet is not None and lrpet.state_dict()["ranks"] and not decomposed_ranks(net):
         # The callback projected but did not decompose: the final weights are exactly low
         # rank, so splitting them at the callback's ranks preserves the model's function.
         decompose_(module, ranks=lrpet.state_dict()["ranks"],
@@ -97,8 +97,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if lrpet is not None and lrpet.compression is not None:
         report = lrpet.compression
-        _write(out / "compression_report.json", json.dumps(report.to_dict(), indent=2))
-        _write(out / "compression_report.md", report.to_markdown())
+        if trainer.is_global_zero:
+            _write(out / "compression_report.json", json.dumps(report.to_dict(), indent=2))
+            _write(out / "compression_report.md", report.to_markdown())
         results.update(flops_reduction=report.flops_reduction,
                        params_reduction=report.params_reduction,
                        report=str(out / "compression_report.json"))
