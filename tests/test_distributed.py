@@ -408,6 +408,13 @@ from test_distributed import fit_with_a_drifting_replica
 
 strategy = DDPStrategy(timeout=timedelta(seconds=90))
 fit_with_a_drifting_replica(sys.argv[1], devices=1, num_nodes=2, strategy=strategy)
+
+# Leave together: a rank that exits while its peer's gloo threads still run can abort
+# ("terminate called without an active exception").
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 

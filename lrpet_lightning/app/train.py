@@ -145,6 +145,9 @@ def _train_rank(local_rank: int, container: dict[str, Any], world_size: int, por
                       RANK=str(local_rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     train(OmegaConf.create(container))
+    if torch.distributed.is_initialized():  # leave together, so no rank aborts at exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _write(path: Path, text: str) -> None:
