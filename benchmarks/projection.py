@@ -20,7 +20,6 @@ Run:  python benchmarks/projection.py [--rank-ratio 0.38] [--repeats 3] [--threa
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -32,7 +31,7 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from svd_backends import _best_times, _convs, _max_rel_err  # noqa: E402
+from svd_backends import _best_times, _convs, _max_rel_err, parse_args  # noqa: E402
 
 from lrpet_lightning.core import LowRankConfig, select_layers, trace_bn_pairs  # noqa: E402
 from lrpet_lightning.core.linalg import (  # noqa: E402
@@ -94,13 +93,7 @@ def exact_float64(layers: list[TargetLayer]) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rank-ratio", type=float, default=0.38)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(__doc__)
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50()

@@ -111,14 +111,20 @@ def _max_energy_deficit(model: nn.Module, original: nn.Module, rank_ratio: float
     return worst
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The ResNet-50 projection benchmarks' shared options; applies ``--threads``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--rank-ratio", type=float, default=0.38)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = parse_args(__doc__)
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50()
