@@ -67,15 +67,21 @@ def _best_times(
 ) -> tuple[dict[str, float], dict[str, nn.Module]]:
     """Best wall time of each run on fresh deep copies (copying is not timed), and the
     projected copy. Runs are interleaved round-robin so that a burst of load from other
-    processes hits every method alike instead of one of them."""
+    processes hits every method alike instead of one of them. On a GPU the clock stops
+    after ``torch.cuda.synchronize()``."""
+    cuda = next(model.parameters()).is_cuda
     best = {label: float("inf") for label in runs}
     projected: dict[str, nn.Module] = {}
     for _ in range(repeats):
         for label, run in runs.items():
             copy_ = copy.deepcopy(model)
             torch.manual_seed(0)  # randomized SVD draws its test matrix from the global RNG
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             run(copy_)
+            if cuda:
+                torch.cuda.synchronize()
             best[label] = min(best[label], time.perf_counter() - start)
             projected[label] = copy_
     return best, projected
@@ -85,6 +91,7 @@ def _max_rel_err(model: nn.Module, truth: dict[str, torch.Tensor]) -> float:
     errs = []
     for name, conv in _convs(model).items():
         ref = truth[name]
+        ref = ref.to(conv.weight.device)
         errs.append(float((conv.weight.detach().double() - ref).norm() / ref.norm()))
     return max(errs)
 
@@ -111,13 +118,21 @@ def _max_energy_deficit(model: nn.Module, original: nn.Module, rank_ratio: float
     return worst
 
 
-def parse_args(doc: str) -> argparse.Namespace:
-    """The ResNet-50 projection benchmarks' shared options; applies ``--threads``."""
+def parse_args(
+    doc: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
+    """The ResNet-50 projection benchmarks' shared options (``extra`` adds a script's own);
+    applies ``--threads``."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--rank-ratio", type=float, default=0.38)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="where the weights live: cpu, cuda")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
@@ -130,6 +145,7 @@ def main() -> None:
     model = torchvision.models.resnet50()
     n_convs = len(_convs(model))
     truth = exact_float64(model, args.rank_ratio)
+    model.to(args.device)
 
     runs: dict[str, Callable[[nn.Module], None]] = {
         "reference loop (torch.svd f32)": lambda m: reference_projection_(m, args.rank_ratio),
@@ -142,7 +158,7 @@ def main() -> None:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"torchvision resnet50 (random init), {n_convs} convs, rank_ratio {args.rank_ratio}, "
           f"bn_rectification off; torch {torch.__version__}, {torch.get_num_threads()} "
-          f"thread(s), load average {load}; best of {args.repeats}")
+          f"thread(s), load average {load}, device {args.device}; best of {args.repeats}")
     print(f"{'method':32s} {'time / reference':>16s} {'max rel err vs exact f64':>25s} "
           f"{'max energy deficit':>19s}")
     seconds, projected = _best_times(runs, model, args.repeats)

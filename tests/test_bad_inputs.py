@@ -100,7 +100,7 @@ PROJECT_CASES = [
             rf"residual_scale must be a number in \[0, 1\], got {re.escape(repr(v))}$",
             case_id=f"residual_scale={v!r}") for v in (-0.1, 2, float("nan"))],
     _case({**PROJECT, "svd_method": "foo"}, ValueError,
-          r"svd_method must be one of \('exact', 'gram', 'randomized'\), got 'foo'$"),
+          r"svd_method must be one of \('exact', 'gram', 'gram32', 'randomized'\), got 'foo'$"),
     _case({**PROJECT, "energy_transfer": "yes"}, TypeError,
           r"energy_transfer must be True or False, got 'yes'$"),
     _case({"rank_ratio": 0.5, "example_inputs": torch.randn(2, 5, 8, 8)}, ValueError,

@@ -44,9 +44,9 @@ BN_INVERSE_EPS = 1e-5
 #: A layer whose largest singular value is below this is all-zero and left alone.
 ZERO_LAYER_TOL = 1e-4
 #: Names accepted by ``svd_method``.
-SVD_METHODS = ("exact", "gram", "randomized")
+SVD_METHODS = ("exact", "gram", "gram32", "randomized")
 
-SvdMethod = Literal["exact", "gram", "randomized"]
+SvdMethod = Literal["exact", "gram", "gram32", "randomized"]
 
 
 # --------------------------------------------------------------------------- views
@@ -105,45 +105,53 @@ class Triplets(NamedTuple):
 def top_singular_triplets(
     M: Tensor, r: int, method: SvdMethod = "exact", *, niter: int = 4, oversample: int = 8
 ) -> Triplets:
-    """The top ``r`` singular triplets of ``M`` and ``||M||_F**2``, computed in ``M.dtype``.
+    """The top ``r`` singular triplets of ``M`` and ``||M||_F**2``.
 
     Args:
-        M: a 2-D floating matrix (float32 or float64).
+        M: a 2-D floating matrix (float32 or float64); the triplets come back in its dtype.
         r: how many triplets, ``1 <= r <= min(M.shape)``.
-        method: ``"exact"`` — full ``torch.linalg.svd`` (the reference code's way);
-            ``"gram"`` — symmetric eigensolver on the smaller Gram matrix ``M M^T`` or
-            ``M^T M`` (much faster on CPU, accurate in float64);
-            ``"randomized"`` — ``torch.svd_lowrank`` with ``niter`` power iterations.
+        method: ``"exact"`` — full ``torch.linalg.svd`` in ``M.dtype`` (the reference
+            code's way); ``"gram"`` — symmetric eigensolver on the smaller Gram matrix
+            ``M M^T`` or ``M^T M``, formed and solved in float64 whatever ``M.dtype`` (exact
+            to round-off, several times faster than a full SVD on CPU); ``"gram32"`` — the
+            same in ``M.dtype`` (the fast mode: about 1.6x faster again on CPU, error about
+            1e-5 of the weights where the spectrum has no gap at the cut, far less once
+            training has been projected); ``"randomized"`` — ``torch.svd_lowrank`` with
+            ``niter`` power iterations.
         niter, oversample: randomized SVD's power iterations and oversampling.
+
+    The triplets' accuracy is that of the method; ``energy`` is exact to ``M.dtype``'s
+    round-off (float64 for ``"gram"``).
     """
     rows, cols = M.shape
     n = min(rows, cols)
     if not 1 <= r <= n:
         raise ValueError(f"r must be in [1, {n}] for a {rows}x{cols} matrix, got {r}")
-    energy = M.square().sum()
     if method == "exact":
         U, s, Vh = torch.linalg.svd(M, full_matrices=False)
-        return Triplets(U[:, :r], s[:r], Vh[:r].mT, energy)
-    if method == "gram":
+        return Triplets(U[:, :r], s[:r], Vh[:r].mT, M.square().sum())
+    if method in ("gram", "gram32"):
         # Eigen-decompose the smaller Gram matrix; eigh returns ascending eigenvalues.
         wide = rows <= cols
-        G = M @ M.mT if wide else M.mT @ M
+        Mg = M.double() if method == "gram" else M
+        G = Mg @ Mg.mT if wide else Mg.mT @ Mg
         evals, evecs = torch.linalg.eigh(G)
-        evals = evals.flip(0)[:r].clamp_min(0)
-        evecs = evecs.flip(1)[:, :r]
-        s = evals.sqrt()
-        # The other side's vectors: V = M^T U / s (or U = M V / s). A zero singular value
-        # leaves a zero column, which is harmless: its triplet contributes nothing.
-        inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+        energy = G.diagonal().sum()  # = ||M||_F**2
+        s = evals[-r:].flip(0).clamp_min(0).sqrt()
+        evecs = evecs[:, -r:].flip(1).to(M.dtype)
+        # The other side's vectors: V = M^T U / s (or U = M V / s), in M's dtype: only the
+        # rebuild uses them, and U diag(s) V^T = U U^T M whatever their accuracy. A zero
+        # singular value leaves a zero column, which is harmless: its triplet adds nothing.
+        inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s)).to(M.dtype)
         if wide:
             U, V = evecs, (M.mT @ evecs) * inv
         else:
             U, V = (M @ evecs) * inv, evecs
-        return Triplets(U, s, V, energy)
+        return Triplets(U, s.to(M.dtype), V, energy.to(M.dtype))
     if method == "randomized":
         q = min(r + oversample, n)
         U, s, V = torch.svd_lowrank(M, q=q, niter=niter)
-        return Triplets(U[:, :r], s[:r], V[:, :r], energy)
+        return Triplets(U[:, :r], s[:r], V[:, :r], M.square().sum())
     raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {method!r}")
 
 
