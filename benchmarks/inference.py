@@ -61,7 +61,7 @@ def is_channels_last(model: nn.Module) -> bool:
 def bench_batch(
     dense: nn.Module, compact: nn.Module, report: CompressionReport, batch: int, repeats: int
 ) -> None:
-    x = torch.randn(batch, 3, SIZE, SIZE)
+    x = torch.randn(batch, 3, SIZE, SIZE, device=next(dense.parameters()).device)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     start = time.perf_counter()
     dense_best = prepare_for_inference(dense, x, channels_last=True, latency_aware=False)
@@ -142,13 +142,18 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the models run: cpu, cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
 
     dense, compact = compact_resnet50(args.rank_ratio)
     report = compression_report(dense, compact, torch.randn(1, 3, SIZE, SIZE))
-    print(f"torchvision ResNet-50, rank_ratio {args.rank_ratio}, {args.threads} thread(s), "
-          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
+    dense, compact = dense.to(args.device), compact.to(args.device)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"torchvision ResNet-50, rank_ratio {args.rank_ratio}, {device}, {args.threads} "
+          f"thread(s), torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
     print(f"  {report.summary()}")
     print(f"  FLOPs ratio compact/dense {report.compact_flops / report.dense_flops:.3f}")
     for batch in args.batch_sizes:

@@ -298,13 +298,17 @@ def _layer_inputs(
 def race(candidates: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
     """Best-of-``repeats`` wall time of each candidate, in seconds, run interleaved (one
     run of each per round) after one warm-up run each, so that load on a shared machine
-    hits every candidate alike."""
+    hits every candidate alike. Where CUDA is in use the clock stops after the GPU's queue
+    has drained (``torch.cuda.synchronize``), so kernels are timed, not their launches."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     for fn in candidates:
         fn()
     best = [float("inf")] * len(candidates)
     for _ in range(repeats):
         for i, fn in enumerate(candidates):
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             best[i] = min(best[i], time.perf_counter() - start)
     return best
