@@ -1,0 +1,276 @@
+"""Pictures of a compression: per-layer ranks, kept energy, singular value spectra, Pareto plots.
+
+Matplotlib is imported lazily (Agg backend, no display needed), so importing this module
+costs nothing until a figure is drawn. The spectra helpers are plain PyTorch.
+
+Example:
+    >>> before = layer_spectra(model, default_spectra_layers(model))
+    >>> trainer.fit(model, ...)                   # with LowRankProjectionCallback
+    >>> after = layer_spectra(model, before)
+    >>> plot_compression(callback.compression, "compression_report.png",
+    ...                  records=callback.last_records,
+    ...                  spectra={n: (before[n], after[n]) for n in before})
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lrpet_lightning.core.linalg import weight_to_matrix
+from lrpet_lightning.core.report import CompressionReport
+from lrpet_lightning.core.walk import CONV_TYPES, full_rank_of
+
+__all__ = [
+    "default_spectra_layers",
+    "layer_spectra",
+    "plot_compression",
+    "plot_pareto",
+]
+
+#: Spectra below this fraction of a panel's largest singular value are off the plot: an
+#: exactly rank-r weight has a tail at float round-off, which would squash the rest.
+_SPECTRUM_FLOOR = 1e-3
+
+
+def _has_matrix_weight(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, Tensor) and weight.dim() >= 2
+
+
+def default_spectra_layers(model: nn.Module, count: int = 3) -> list[str]:
+    """Names of ``count`` evenly spaced convs of ``model`` (first, middle, last for 3).
+
+    Only ungrouped convs of full rank >= 2 qualify: the layers LRPET projects.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an int >= 1, got {count!r}")
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, CONV_TYPES) and m.groups == 1 and full_rank_of(m) >= 2]
+    if len(names) <= count:
+        return names
+    picks = sorted({round(i * (len(names) - 1) / (count - 1)) for i in range(count)}
+                   if count > 1 else {0})
+    return [names[i] for i in picks]
+
+
+def layer_spectra(model: nn.Module, names: Iterable[str]) -> dict[str, Tensor]:
+    """Singular values (float64, on the CPU, descending) of each named layer's weight matrix.
+
+    A decomposed layer (two thin layers) gives the spectrum of its equivalent dense weight.
+
+    Raises:
+        ValueError: a name that is not a module of ``model`` with a weight matrix.
+    """
+    modules = dict(model.named_modules())
+    spectra = {}
+    for name in names:
+        module = modules.get(name)
+        if module is None or not _has_matrix_weight(module):
+            eligible = [n for n, m in modules.items() if n and _has_matrix_weight(m)]
+            preview = ", ".join(eligible[:8]) + (", ..." if len(eligible) > 8 else "")
+            raise ValueError(f"spectra layer {name!r} is not a layer of {type(model).__name__} "
+                             f"with a weight matrix; layers with one: {preview}")
+        with torch.no_grad():
+            matrix = weight_to_matrix(module.weight.detach()).to("cpu", torch.float64)
+            spectra[name] = torch.linalg.svdvals(matrix)
+    return spectra
+
+
+# --------------------------------------------------------------------------- figures
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, works on headless nodes
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    if is_dataclass(item) and not isinstance(item, type):
+        return asdict(item)
+    if isinstance(item, Mapping):
+        return dict(item)
+    raise TypeError(f"expected a dataclass or a mapping, got {type(item).__name__}")
+
+
+def _layer_rows(report: Any, records: Sequence[Any] | None) -> list[dict[str, Any]]:
+    """One row per layer: name, rank (None: dense), full_rank, kept_energy (None: unknown)."""
+    energy: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    for rec in map(_as_dict, records or []):
+        if rec.get("skipped") is None:
+            energy[rec["name"]] = rec["kept_energy"]
+    if report is not None:
+        layers = report.layers if isinstance(report, CompressionReport) else report["layers"]
+        rows = [{k: layer[k] for k in ("name", "rank", "full_rank")}
+                for layer in map(_as_dict, layers)]
+    else:
+        rows = [{k: rec[k] for k in ("name", "rank", "full_rank")}
+                for rec in map(_as_dict, records or [])]
+    for row in rows:
+        # The callback names layers from the LightningModule ("model.layer1.0.conv1"), the
+        # report from the network it counts ("layer1.0.conv1"): match on the dotted suffix.
+        row["kept_energy"] = next((e for n, e in energy.items()
+                                   if n == row["name"] or n.endswith("." + row["name"])), None)
+    return rows
+
+
+def _reduction(report: Any, key: str) -> float | None:
+    if report is None:
+        return None
+    return getattr(report, key) if isinstance(report, CompressionReport) else report.get(key)
+
+
+def plot_compression(
+    report: CompressionReport | Mapping[str, Any] | None,
+    path: str | Path,
+    *,
+    records: Sequence[Any] | None = None,
+    spectra: Mapping[str, tuple[Any, Any]] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Render a compression as a PNG: per-layer rank and kept energy, and spectra.
+
+    Args:
+        report: a :class:`CompressionReport` or its ``to_dict()`` (``compression_report.json``);
+            gives each layer's rank and full rank. None draws from ``records`` alone.
+        path: the PNG file to write.
+        records: the per-layer records of a projection (``LayerRecord`` or their dicts, e.g.
+            ``callback.last_records``); adds each layer's kept energy.
+        spectra: ``{layer name: (singular values before, after)}`` (tensors or sequences;
+            either may be None), e.g. from :func:`layer_spectra` at fit start and at fit end.
+        title: the figure's title.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        ValueError: nothing to draw (no report, no records, no spectra).
+    """
+    rows = _layer_rows(report, records) if report is not None or records else []
+    spectra = dict(spectra or {})
+    if not rows and not spectra:
+        raise ValueError("plot_compression has nothing to draw: pass a report, records or "
+                         "spectra ({layer name: (before, after)})")
+    plt = _pyplot()
+    columns = min(len(spectra), 3) or 1
+    spectra_rows = math.ceil(len(spectra) / columns)
+    heights = ([3.2] if rows else []) + [2.8] * spectra_rows
+    fig = plt.figure(figsize=(max(10.0, 0.18 * len(rows)), sum(heights) + 0.6))
+    grid = fig.add_gridspec(len(heights), columns, height_ratios=heights)
+    if rows:
+        _draw_ranks(fig.add_subplot(grid[0, :]), rows, report)
+    rank_of = {row["name"]: row["rank"] for row in rows}
+    for i, (name, (before, after)) in enumerate(spectra.items()):
+        ax = fig.add_subplot(grid[(1 if rows else 0) + i // columns, i % columns])
+        _draw_spectrum(ax, name, before, after, rank_of.get(name))
+    fig.suptitle(title or "LRPET compression")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _draw_ranks(ax: Any, rows: list[dict[str, Any]], report: Any) -> None:
+    x = range(len(rows))
+    full = [r["full_rank"] for r in rows]
+    kept = [r["full_rank"] if r["rank"] is None else r["rank"] for r in rows]
+    ax.bar(x, full, color="0.85", label="full rank")
+    ax.bar(x, kept, color=["0.55" if r["rank"] is None else "tab:blue" for r in rows],
+           label="kept rank (grey: left dense)")
+    ax.set_xticks(list(x), [r["name"] for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("rank")
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    flops, params = _reduction(report, "flops_reduction"), _reduction(report, "params_reduction")
+    if flops is not None:
+        ax.set_title(f"per-layer rank: {100 * flops:.1f} % fewer FLOPs, "
+                     f"{100 * params:.1f} % fewer parameters", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    energy = [(i, r["kept_energy"]) for i, r in enumerate(rows) if r["kept_energy"] is not None]
+    if energy:
+        twin = ax.twinx()
+        twin.plot([i for i, _ in energy], [e for _, e in energy], "o", color="tab:red",
+                  markersize=3, label="kept energy (last projection)")
+        twin.set_ylim(0.0, 1.05)
+        twin.set_ylabel("kept energy: top-r share of ||W||²")
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, fontsize=7, loc="upper left")
+
+
+def _draw_spectrum(ax: Any, name: str, before: Any, after: Any, rank: int | None) -> None:
+    top = 0.0
+    for values, label, style in ((before, "before training", "--"),
+                                 (after, "after training", "-")):
+        if values is None:
+            continue
+        values = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
+        ax.plot(range(1, len(values) + 1), values.tolist(), style, label=label)
+        top = max(top, float(values.max()) if len(values) else 0.0)
+    if rank is not None:
+        ax.axvline(rank, color="0.4", linestyle=":", label=f"rank {rank}")
+    ax.set_yscale("log")
+    if top > 0:
+        ax.set_ylim(_SPECTRUM_FLOOR * top, 2 * top)
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("index i")
+    ax.set_ylabel("singular value σᵢ")
+    ax.legend(fontsize=7)
+
+
+def plot_pareto(
+    points: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    accuracy_label: str = "test top-1",
+    baselines: Sequence[Mapping[str, Any]] = (),
+    title: str | None = None,
+) -> Path:
+    """Accuracy against FLOPs reduction, the Pareto front marked, dense baselines as lines.
+
+    Args:
+        points: one mapping per compressed run: ``label``, ``flops_reduction`` and
+            ``accuracy`` (fractions), ``pareto`` (bool: on the front).
+        path: the PNG file to write.
+        accuracy_label: the y axis' name.
+        baselines: one mapping per dense run: ``label`` and ``accuracy``; each is a
+            horizontal line.
+        title: the figure's title.
+    """
+    if not points and not baselines:
+        raise ValueError("plot_pareto has nothing to draw: no points and no baselines")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    xs = [100 * p["flops_reduction"] for p in points]
+    ys = [100 * p["accuracy"] for p in points]
+    ax.scatter(xs, ys, color="0.6", zorder=2, label="runs")
+    front = sorted((x, y) for x, y, p in zip(xs, ys, points) if p["pareto"])
+    if front:
+        ax.plot(*zip(*front), "-o", color="tab:red", zorder=3, label="Pareto front")
+    for x, y, p in zip(xs, ys, points):
+        ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    for i, base in enumerate(baselines):
+        ax.axhline(100 * base["accuracy"], linestyle="--", color=f"C{i % 10}",
+                   label=f"dense baseline ({base['label']}): {100 * base['accuracy']:.2f} %")
+    ax.set_xlabel("FLOPs reduction (%)")
+    ax.set_ylabel(f"{accuracy_label} (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"{accuracy_label} vs FLOPs reduction", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
