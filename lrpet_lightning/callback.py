@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
+from lrpet_lightning.core.budget import RankSolution, budget_selection, solve_ranks_for_layers
 from lrpet_lightning.core.checkpoint import atomic_write
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.distributed import project_layers_distributed_
@@ -67,9 +68,21 @@ class LowRankProjectionCallback(Callback):
       ``lrpet/num_projections``, ``lrpet/mean_kept_energy``, ``lrpet/mean_relative_change``
       (and per layer with ``log_per_layer``), then ``lrpet/flops_reduction`` and
       ``lrpet/params_reduction`` at fit end.
+    - FLOPs / parameter budgets instead of ``rank_ratio``: ``target_flops_reduction=0.8``
+      (or ``target_params_reduction``) has the ranks solved so that the decomposed model
+      has that much fewer FLOPs (parameters), within a fraction of a point above. With
+      ``allocation="uniform"`` (one rank ratio; depends only on the layers' shapes) they
+      are solved at the first projection. With ``allocation="spectrum"`` (per-layer ranks
+      from the BN-rectified singular value spectra, keeping the most energy per FLOP) the
+      first ``budget_warmup_epochs`` epochs train at full rank without projection, and the
+      ranks are solved at the first projection after them (or at fit end, if training
+      ends sooner). Either way they are solved once, then frozen and checkpointed
+      (``budget_ranks``), so a resumed run keeps them. FLOPs are counted on one sample of
+      the first training batch.
     - Checkpointed state (one entry per ``state_key``, so several instances can coexist):
-      the projection counters, ``ranks`` (``{layer: planned rank}``) and
-      ``decomposed_ranks`` (the saved module's thin layers). To load a checkpoint saved
+      the projection counters, ``ranks`` (``{layer: planned rank}``), ``budget_ranks``
+      (the solved budget ranks, or None) and ``decomposed_ranks`` (the saved module's
+      thin layers). To load a checkpoint saved
       after decomposition into a fresh dense model, rebuild first:
       ``decompose_(model, ranks=state["decomposed_ranks"]); model.load_state_dict(...)``.
     - Works with DDP, AMP and ``bf16-true`` (the SVD runs in float32), and with a model
@@ -83,6 +96,17 @@ class LowRankProjectionCallback(Callback):
         ranks: ``{module-name pattern: ratio (float) or rank (int)}`` overrides.
         energy_transfer, residual_scale, bn_rectification, include_linear, include,
             exclude, min_rank, svd_method: as in ``project_low_rank_``.
+        target_flops_reduction: a FLOPs budget instead of ``rank_ratio`` (give
+            ``rank_ratio=None``): the fraction of the model's FLOPs the decomposed model
+            sheds, in (0, 1).
+        target_params_reduction: the same for parameters (one budget at most).
+        allocation: ``"uniform"`` or ``"spectrum"``: how the budget is shared by the layers
+            (see :func:`lrpet_lightning.solve_ranks`). Ignored without a budget.
+        budget_warmup_epochs: a ``"spectrum"`` budget is solved at the first projection
+            after at least this many epochs of training at full rank, without projection
+            (its ranks come from the trained weights). Default 1: at the end of the first
+            epoch with the epoch schedule, at the first projection of the second epoch with
+            the step schedule.
         every_n_epochs: project at the end of every n-th training epoch (CIFAR recipe: 1).
             Default 1 unless ``every_n_train_steps`` is given.
         every_n_train_steps: project after every n-th optimizer step, counted on
@@ -125,6 +149,10 @@ class LowRankProjectionCallback(Callback):
         exclude: str | Sequence[str] | None = None,
         min_rank: int = 1,
         svd_method: str = "gram",
+        target_flops_reduction: float | None = None,
+        target_params_reduction: float | None = None,
+        allocation: str = "uniform",
+        budget_warmup_epochs: int = 1,
         every_n_epochs: int | None = None,
         every_n_train_steps: int | None = None,
         start: int = 0,
@@ -140,7 +168,10 @@ class LowRankProjectionCallback(Callback):
             residual_scale=residual_scale, bn_rectification=bn_rectification,
             include_linear=include_linear, include=include, exclude=exclude,
             min_rank=min_rank, svd_method=svd_method,
+            target_flops_reduction=target_flops_reduction,
+            target_params_reduction=target_params_reduction, allocation=allocation,
         )
+        _check_schedule_int("budget_warmup_epochs", budget_warmup_epochs, 0, optional=False)
         if every_n_epochs is not None and every_n_train_steps is not None:
             raise ValueError(
                 f"every_n_epochs={every_n_epochs!r} and every_n_train_steps="
@@ -157,6 +188,7 @@ class LowRankProjectionCallback(Callback):
                             ("log_per_layer", log_per_layer), ("report", report)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be True or False, got {value!r}")
+        self.budget_warmup_epochs = budget_warmup_epochs
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs or (None if every_n_train_steps else 1)
         self.start, self.stop = start, stop
@@ -174,6 +206,10 @@ class LowRankProjectionCallback(Callback):
         self._layers: list[TargetLayer] | None = None
         # {layer name: rank} of the plan; outlives the plan's modules (decomposition).
         self._ranks: dict[str, int] = {}
+        # A budget's solved ranks (None until solved); frozen once solved, checkpointed.
+        self._budget_ranks: dict[str, int] | None = None
+        #: What the budget solver found (this process only; the ranks are checkpointed).
+        self.budget_solution: RankSolution | None = None
         self._tracer: BNPairTracer | None = None
         self._example_inputs: Any = None
         self._input_hook: Any = None
@@ -189,10 +225,16 @@ class LowRankProjectionCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
+        # The budget's keys only when there is one: older checkpoints keep their key.
+        budget = {} if self.config.budget is None else {
+            f"target_{self.config.budget[0]}_reduction": self.config.budget[1],
+            "allocation": self.config.allocation,
+        }
         return self._generate_state_key(
             rank_ratio=self.config.rank_ratio, ranks=self.config.ranks,
             include=self.config.include, exclude=self.config.exclude,
             every_n_epochs=self.every_n_epochs, every_n_train_steps=self.every_n_train_steps,
+            **budget,
         )
 
     @override
@@ -203,6 +245,8 @@ class LowRankProjectionCallback(Callback):
             "last_projected_epoch": self.last_projected_epoch,
             # The planned rank of every projected layer, by module name.
             "ranks": dict(self._ranks),
+            # A budget's ranks once solved (None before): a resumed run keeps them.
+            "budget_ranks": None if self._budget_ranks is None else dict(self._budget_ranks),
         }
 
     @override
@@ -211,6 +255,8 @@ class LowRankProjectionCallback(Callback):
         self.last_projected_step = state_dict["last_projected_step"]
         self.last_projected_epoch = state_dict["last_projected_epoch"]
         self._ranks = dict(state_dict.get("ranks", {}))
+        budget_ranks = state_dict.get("budget_ranks")
+        self._budget_ranks = None if budget_ranks is None else dict(budget_ranks)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -246,8 +292,10 @@ class LowRankProjectionCallback(Callback):
             self._hooked = pl_module
         if stage != "fit":
             return  # the rest only acts while fitting
-        # Plan afresh in every fit: this one may train another model.
+        # Plan afresh in every fit: this one may train another model. (A resumed fit gets
+        # its budget ranks back from the checkpoint, which is restored after setup.)
         self._layers, self._example_inputs, self._exact = None, None, False
+        self._budget_ranks, self.budget_solution = None, None
         # Match on the class hierarchy's names so subclasses of these strategies are refused
         # too, without importing optional backends (deepspeed) just to check.
         names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
@@ -262,8 +310,15 @@ class LowRankProjectionCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Plan here, after configure_model and before the first step, so that a pattern
         # that matches nothing fails before any training time is spent.
-        self._layers = select_layers(pl_module, self.config)
-        self._ranks = {layer.name: layer.rank for layer in self._layers}
+        if self.config.budget is None:
+            self._layers = select_layers(pl_module, self.config)
+        else:
+            # Every targeted layer at full rank until the budget is solved.
+            self._layers = select_layers(pl_module, budget_selection(self.config))
+            if self._budget_ranks is not None:  # restored from a checkpoint: frozen
+                self._apply_budget_ranks(self._budget_ranks)
+        self._ranks = ({} if self.config.budget is not None and self._budget_ranks is None
+                       else {layer.name: layer.rank for layer in self._layers})
         self._traced = False
         n = len(self._layers)
         rank_zero_info(f"LRPET: projecting {n} layer(s) "
@@ -280,7 +335,8 @@ class LowRankProjectionCallback(Callback):
         self._traced = True
         if self.config.bn_rectification:
             self._tracer = BNPairTracer(pl_module, self._layers).__enter__()
-        if self.report and self._example_inputs is None:
+        counts_flops = self.config.budget is not None and self.config.budget[0] == "flops"
+        if (self.report or counts_flops) and self._example_inputs is None:
             root = self._report_root(pl_module)
             self._input_hook = root.register_forward_pre_hook(self._capture_inputs,
                                                               with_kwargs=True)
@@ -327,6 +383,8 @@ class LowRankProjectionCallback(Callback):
         self._finish_tracing(pl_module)
         if self._layers is None or not self._traced:  # no training step ran
             return
+        if self.config.budget is not None and self._budget_ranks is None:
+            self._solve_budget(trainer, pl_module)  # training ended within the warm-up
         if self.final_projection and not self._exact:
             final = dataclasses.replace(self.config, energy_transfer=False, residual_scale=0.0)
             self._project(trainer, pl_module, config=final, final=True)
@@ -386,8 +444,53 @@ class LowRankProjectionCallback(Callback):
             return
         self._example_inputs = kwargs or args
 
+    def _budget_pending(self, trainer: pl.Trainer) -> bool:
+        """Whether a spectrum budget is still in its warm-up (no projection yet)."""
+        if self.config.budget is None or self._budget_ranks is not None:
+            return False
+        if self.config.allocation != "spectrum":
+            return False
+        # An epoch-end projection comes after the epoch; a step one within it.
+        done = trainer.current_epoch + (1 if self.every_n_train_steps is None else 0)
+        return done < self.budget_warmup_epochs
+
+    def _apply_budget_ranks(self, ranks: Mapping[str, int]) -> None:
+        layers = self._layers or []
+        if {layer.name for layer in layers} != set(ranks):
+            raise ValueError(
+                "LRPET: the budget ranks restored from the checkpoint name other layers than "
+                f"this model's targeted ones: {sorted(ranks)[:4]}... vs "
+                f"{[layer.name for layer in layers][:4]}..."
+            )
+        for layer in layers:
+            layer.rank = int(ranks[layer.name])
+
+    def _solve_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Solve the budget once, on the current weights, and freeze the ranks."""
+        root, prefix = self._network(pl_module)
+        strip = len(prefix) + 1 if prefix else 0
+        # The live layers (their weights and traced BatchNorms), named relative to the
+        # network; FLOPs are counted on a copy (the live forward may have side effects).
+        layers = [dataclasses.replace(layer, name=layer.name[strip:])
+                  for layer in self._layers or []]
+        self.budget_solution = solve_ranks_for_layers(
+            copy.deepcopy(root), layers, self.config, self._example_inputs)
+        ranks = {prefix + "." + n if prefix else n: r
+                 for n, r in self.budget_solution.ranks.items()}
+        # One decision for every replica, whatever their SVD round-off.
+        self._budget_ranks = dict(trainer.strategy.broadcast(ranks, src=0))
+        self._apply_budget_ranks(self._budget_ranks)
+        self._ranks = dict(self._budget_ranks)
+        rank_zero_info(f"LRPET budget solved (epoch {trainer.current_epoch}, step "
+                       f"{trainer.global_step}), ranks now frozen: "
+                       f"{self.budget_solution.summary()}")
+
     def _project(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                  config: LowRankConfig | None = None, final: bool = False) -> None:
+        if self.config.budget is not None and self._budget_ranks is None:
+            if not final and self._budget_pending(trainer):
+                return  # warm-up at full rank: the spectra are not worth reading yet
+            self._solve_budget(trainer, pl_module)
         config = config or self.config
         t0 = time.perf_counter()
         # Under DDP each layer is projected once, by one rank, and broadcast: the replicas
@@ -419,18 +522,23 @@ class LowRankProjectionCallback(Callback):
     def _report_root(self, pl_module: pl.LightningModule) -> nn.Module:
         """The network whose input the report counts FLOPs on: the LightningModule's child
         holding every targeted layer (``self.model``, ``self.net``...), else the module."""
-        heads = {name.split(".")[0] for name in self._ranks}
+        names = self._ranks or [layer.name for layer in self._layers or []]
+        heads = {name.split(".")[0] for name in names}
         if len(heads) == 1:
             child = pl_module.get_submodule(heads.pop())
             if not any(layer.module is child for layer in self._layers or []):
                 return child
         return pl_module
 
-    def _compression_report(self, pl_module: pl.LightningModule) -> CompressionReport:
+    def _network(self, pl_module: pl.LightningModule) -> tuple[nn.Module, str]:
+        """The network FLOPs are counted on, and its qualified name in ``pl_module``."""
         root = self._report_root(pl_module)
         # A torch.compile'd net: count FLOPs on the eager module it wraps (no recompiling).
         root = getattr(root, "_orig_mod", root)
-        prefix = next(n for n, m in pl_module.named_modules() if m is root)
+        return root, next(n for n, m in pl_module.named_modules() if m is root)
+
+    def _compression_report(self, pl_module: pl.LightningModule) -> CompressionReport:
+        root, prefix = self._network(pl_module)
         strip = len(prefix) + 1 if prefix else 0
         ranks = {name[strip:]: rank for name, rank in self._ranks.items()}
         # Count on copies: running the live model would fire its hooks and whatever side

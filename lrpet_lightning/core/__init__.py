@@ -5,6 +5,7 @@ Nothing under ``lrpet_lightning.core`` imports lightning or hydra (a test enforc
 
 from __future__ import annotations
 
+from lrpet_lightning.core.budget import RankSolution, solve_ranks
 from lrpet_lightning.core.checkpoint import load_compact, read_compact, save_compact
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.factorized import FactorizedConv, FactorizedLayer, FactorizedLinear
@@ -31,6 +32,7 @@ __all__ = [
     "LayerCost",
     "LayerRecord",
     "LowRankConfig",
+    "RankSolution",
     "TargetLayer",
     "compression_report",
     "decompose_",
@@ -46,6 +48,7 @@ __all__ = [
     "recompose_",
     "save_compact",
     "select_layers",
+    "solve_ranks",
     "top_singular_triplets",
     "trace_bn_pairs",
 ]

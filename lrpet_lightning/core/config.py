@@ -10,7 +10,10 @@ from typing import Any
 
 from lrpet_lightning.core.linalg import SVD_METHODS
 
-__all__ = ["LowRankConfig", "check_rank_ratio"]
+__all__ = ["ALLOCATIONS", "LowRankConfig", "check_rank_ratio", "check_reduction"]
+
+#: Names accepted by ``allocation``: how a FLOPs / parameters budget is shared by the layers.
+ALLOCATIONS = ("uniform", "spectrum")
 
 
 def _is_real(value: Any) -> bool:
@@ -23,6 +26,17 @@ def check_rank_ratio(name: str, value: Any) -> float:
         raise ValueError(
             f"{name} must be a number in (0, 1] (the kept fraction of each layer's full rank), "
             f"got {value!r}"
+        )
+    return float(value)
+
+
+def check_reduction(name: str, value: Any) -> float:
+    """A budget: the fraction of the model's FLOPs or parameters to remove, in (0, 1)."""
+    if not _is_real(value) or math.isnan(value) or not 0.0 < float(value) < 1.0:
+        what = "FLOPs" if "flops" in name else "parameters"
+        raise ValueError(
+            f"{name} must be a number in (0, 1) (the fraction of the model's {what} to "
+            f"remove, e.g. 0.5), got {value!r}"
         )
     return float(value)
 
@@ -85,8 +99,17 @@ class LowRankConfig:
         include_linear: also target ``nn.Linear`` layers (convs are always targets).
         include, exclude: glob patterns on qualified module names.
         min_rank: smallest rank any layer keeps.
-        svd_method: ``"gram"`` (default), ``"exact"`` or ``"randomized"``
+        svd_method: ``"gram"`` (default), ``"gram32"`` (fast mode), ``"exact"`` or
+            ``"randomized"``
             (see ``top_singular_triplets``).
+        target_flops_reduction: a FLOPs budget instead of ``rank_ratio``: the fraction of
+            the model's FLOPs to remove, in (0, 1); the ranks are solved for it
+            (``lrpet_lightning.core.budget.solve_ranks``).
+        target_params_reduction: the same for the model's parameters. At most one budget;
+            a budget excludes ``rank_ratio`` and ``ranks``.
+        allocation: how a budget is shared: ``"uniform"`` (one rank ratio for every layer)
+            or ``"spectrum"`` (per-layer ranks keeping the most energy per FLOP / parameter).
+            Ignored without a budget.
     """
 
     rank_ratio: float | None = None
@@ -99,16 +122,21 @@ class LowRankConfig:
     exclude: tuple[str, ...] | None = None
     min_rank: int = 1
     svd_method: str = "gram"
+    target_flops_reduction: float | None = None
+    target_params_reduction: float | None = None
+    allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise fields once, here
         if self.rank_ratio is not None:
             set_(self, "rank_ratio", check_rank_ratio("rank_ratio", self.rank_ratio))
         set_(self, "ranks", _check_ranks(self.ranks))
-        if self.rank_ratio is None and not self.ranks:
+        self._check_budget()
+        if self.rank_ratio is None and not self.ranks and self.budget is None:
             raise ValueError(
                 "rank_ratio is None and ranks is empty: give rank_ratio (a kept fraction in "
-                "(0, 1], e.g. 0.25) or ranks ({pattern: ratio_or_rank})"
+                "(0, 1], e.g. 0.25), ranks ({pattern: ratio_or_rank}) or a budget "
+                "(target_flops_reduction or target_params_reduction, in (0, 1))"
             )
         for flag in ("energy_transfer", "bn_rectification", "include_linear"):
             if not isinstance(getattr(self, flag), bool):
@@ -127,3 +155,42 @@ class LowRankConfig:
             raise ValueError(f"min_rank must be an int >= 1, got {self.min_rank!r}")
         if self.svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+
+    def _check_budget(self) -> None:
+        set_ = object.__setattr__
+        targets = {}
+        for name in ("target_flops_reduction", "target_params_reduction"):
+            value = getattr(self, name)
+            if value is not None:
+                targets[name] = check_reduction(name, value)
+                set_(self, name, targets[name])
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"allocation must be one of {ALLOCATIONS} (how a FLOPs / parameters budget is "
+                f"shared by the layers), got {self.allocation!r}"
+            )
+        if len(targets) > 1:
+            raise ValueError(
+                f"target_flops_reduction={self.target_flops_reduction!r} and "
+                f"target_params_reduction={self.target_params_reduction!r} are both set; "
+                "give one budget"
+            )
+        if not targets:
+            return
+        ((name, value),) = targets.items()
+        for other in ("rank_ratio", "ranks"):
+            if getattr(self, other):
+                raise ValueError(
+                    f"{other}={getattr(self, other)!r} and {name}={value!r} are both set: a "
+                    f"budget chooses every layer's rank itself; set {other}=None (Hydra: "
+                    f"callbacks.lrpet.{other}=null) or drop {name}"
+                )
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """``(metric, target)`` of the budget — ``("flops", 0.8)`` — or None without one."""
+        if self.target_flops_reduction is not None:
+            return "flops", self.target_flops_reduction
+        if self.target_params_reduction is not None:
+            return "params", self.target_params_reduction
+        return None

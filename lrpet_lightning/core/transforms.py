@@ -72,6 +72,13 @@ def _rectification_scale(layer: TargetLayer) -> torch.Tensor | None:
     return bn_scale(bn.running_var, bn.eps, bn.weight if bn.affine else None)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``, in one pass: a NaN or Inf makes the sum NaN/Inf. (A sum of
+    finite values overflows only past the dtype's largest value, where the energy would
+    overflow too.) Ten times cheaper than ``torch.isfinite(t).all()`` on CPU."""
+    return bool(torch.isfinite(t.sum()))
+
+
 def _project_with_fallbacks(
     M: torch.Tensor, rank: int, scale: torch.Tensor | None, config: LowRankConfig
 ) -> ProjectionResult:
@@ -93,7 +100,7 @@ def _project_with_fallbacks(
         except (torch.linalg.LinAlgError, RuntimeError) as err:
             error = err
             continue
-        if torch.isfinite(result.matrix).all():
+        if _all_finite(result.matrix):
             return result
         error = FloatingPointError("projection produced NaN/Inf")
     raise RuntimeError(f"SVD failed after {len(attempts)} attempts: {error}")
@@ -111,9 +118,9 @@ def project_layers_(layers: Sequence[TargetLayer], config: LowRankConfig) -> lis
     records = []
     for layer in layers:
         weight = layer.module.weight
-        compute = torch.float64 if (
-            config.svd_method == "gram" or weight.dtype == torch.float64
-        ) else torch.float32
+        # float32 maths (float64 for float64 weights); "gram" forms and solves its Gram
+        # matrix in float64 itself, the one step that needs it.
+        compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
         M = weight_to_matrix(weight.detach()).to(compute)
         scale = _rectification_scale(layer) if config.bn_rectification else None
         record = dict(name=layer.name, rank=layer.rank, full_rank=layer.full_rank,
@@ -123,7 +130,7 @@ def project_layers_(layers: Sequence[TargetLayer], config: LowRankConfig) -> lis
             records.append(LayerRecord(**record, kept_energy=1.0, relative_change=0.0,
                                        skipped="rank >= full rank"))
             continue
-        if not torch.isfinite(M).all() or (scale is not None and not torch.isfinite(scale).all()):
+        if not _all_finite(M) or (scale is not None and not _all_finite(scale)):
             warnings.warn(f"LRPET: {layer.name} has NaN/Inf weights or BN statistics; "
                           "its projection is skipped", RuntimeWarning, stacklevel=2)
             records.append(LayerRecord(**record, kept_energy=float("nan"),
@@ -161,6 +168,9 @@ def project_low_rank_(
     example_inputs: Any = None,
     min_rank: int = 1,
     svd_method: str = "gram",
+    target_flops_reduction: float | None = None,
+    target_params_reduction: float | None = None,
+    allocation: str = "uniform",
 ) -> list[LayerRecord]:
     """One LRPET projection of every targeted layer of ``model``, in place.
 
@@ -182,8 +192,15 @@ def project_low_rank_(
         example_inputs: a tensor (or tuple of args / dict of kwargs) for the BN tracing pass.
         min_rank: smallest rank kept.
         svd_method: ``"gram"`` (default; float64 eigensolver on the Gram matrix — exact
-            to round-off and several times faster than a full SVD on CPU), ``"exact"``
-            (full ``torch.linalg.svd``) or ``"randomized"``.
+            to round-off and about 3x faster than a full SVD on CPU), ``"gram32"`` (the
+            fast mode: the same in float32), ``"exact"`` (full ``torch.linalg.svd``) or
+            ``"randomized"``.
+        target_flops_reduction, target_params_reduction: a budget instead of
+            ``rank_ratio`` — the fraction of FLOPs (needs ``example_inputs``) or parameters
+            the decomposed model sheds, in (0, 1); the ranks are solved by
+            :func:`~lrpet_lightning.core.budget.solve_ranks` on every call (for repeated
+            projections solve once and pass ``ranks=solution.ranks``).
+        allocation: ``"uniform"`` or ``"spectrum"``, how a budget is shared by the layers.
 
     Returns:
         One :class:`LayerRecord` per targeted layer.
@@ -198,9 +215,15 @@ def project_low_rank_(
         rank_ratio=rank_ratio, ranks=ranks, energy_transfer=energy_transfer,
         residual_scale=residual_scale, bn_rectification=bn_rectification,
         include_linear=include_linear, include=include, exclude=exclude,
-        min_rank=min_rank, svd_method=svd_method,
+        min_rank=min_rank, svd_method=svd_method, target_flops_reduction=target_flops_reduction,
+        target_params_reduction=target_params_reduction, allocation=allocation,
     )
-    layers = select_layers(model, config)
+    if config.budget is not None:
+        from lrpet_lightning.core.budget import budget_selection
+
+        layers = select_layers(model, budget_selection(config))
+    else:
+        layers = select_layers(model, config)
     if bn_rectification:
         if example_inputs is None:
             warnings.warn(
@@ -211,6 +234,12 @@ def project_low_rank_(
             )
         else:
             attach_bn_pairs(layers, trace_bn_pairs(model, layers, example_inputs))
+    if config.budget is not None:
+        from lrpet_lightning.core.budget import solve_ranks_for_layers
+
+        solution = solve_ranks_for_layers(model, layers, config, example_inputs)
+        for layer in layers:
+            layer.rank = solution.ranks[layer.name]
     return project_layers_(layers, config)
 
 
@@ -243,6 +272,10 @@ def decompose_(
     exclude: str | Sequence[str] | None = None,
     min_rank: int = 1,
     rank_rtol: float | None = None,
+    target_flops_reduction: float | None = None,
+    target_params_reduction: float | None = None,
+    allocation: str = "uniform",
+    example_inputs: Any = None,
 ) -> dict[str, int]:
     """Replace each targeted layer by its two thin layers, in place (ALGORITHM.md §6).
 
@@ -253,23 +286,45 @@ def decompose_(
     at most ``1e-2``). A layer whose factorization would not save parameters
     (``r * (rows + cols) >= rows * cols``) stays dense and is reported in an info line.
 
+    With a budget instead — ``target_flops_reduction`` (needs ``example_inputs``) or
+    ``target_params_reduction``, a fraction in (0, 1) — the ranks are solved so that the
+    decomposed model has that many fewer FLOPs / parameters (within a fraction of a point
+    above), by ``allocation="uniform"`` (one rank ratio) or ``"spectrum"`` (from the current
+    weights' spectra, BN-rectified when ``example_inputs`` is given); see
+    :func:`~lrpet_lightning.core.budget.solve_ranks`.
+
     Returns:
         ``{module_name: rank}`` of the layers that were decomposed.
 
     Example:
         >>> ranks = decompose_(model, rank_ratio=0.25)
         >>> decompose_(fresh_model, ranks=ranks)  # rebuild the same thin architecture
+        >>> decompose_(model, target_flops_reduction=0.5, example_inputs=x)
     """
-    infer = rank_ratio is None and not ranks
+    budget = target_flops_reduction is not None or target_params_reduction is not None
+    infer = rank_ratio is None and not ranks and not budget
     config = LowRankConfig(
         rank_ratio=1.0 if infer else rank_ratio, ranks=ranks, include_linear=include_linear,
         include=include, exclude=exclude, min_rank=min_rank,
+        target_flops_reduction=target_flops_reduction,
+        target_params_reduction=target_params_reduction, allocation=allocation,
     )
     if rank_rtol is not None and not (isinstance(rank_rtol, float) and 0.0 < rank_rtol < 1.0):
         raise ValueError(f"rank_rtol must be a float in (0, 1), got {rank_rtol!r}")
+    if config.budget is not None:
+        from lrpet_lightning.core.budget import budget_selection, solve_ranks_for_layers
+
+        layers = select_layers(model, budget_selection(config))
+        if config.allocation == "spectrum" and example_inputs is not None:
+            attach_bn_pairs(layers, trace_bn_pairs(model, layers, example_inputs))
+        solution = solve_ranks_for_layers(model, layers, config, example_inputs)
+        for layer in layers:
+            layer.rank = solution.ranks[layer.name]
+    else:
+        layers = select_layers(model, config)
     decomposed: dict[str, int] = {}
     kept_dense: list[str] = []
-    for layer in select_layers(model, config):
+    for layer in layers:
         module, rank = layer.module, layer.rank
         if infer:
             M = weight_to_matrix(module.weight.detach()).double()
