@@ -71,6 +71,18 @@ def test_train_runs_torchvision_models(tmp_path: Path, arch: str) -> None:
     assert results["flops_reduction"] > 0.0
 
 
+def test_flops_budget_run_meets_and_records_its_target(tmp_path: Path) -> None:
+    cfg = _tiny(tmp_path, "callbacks.lrpet.rank_ratio=null",
+                "callbacks.lrpet.target_flops_reduction=0.6")
+    results = train(cfg)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["target_flops_reduction"] == 0.6
+    assert written["allocation"] == "uniform"
+    assert written["rank_ratio"] is None
+    # The budget solver lands within one point above the target on the decomposed model.
+    assert 0.6 <= results["flops_reduction"] <= 0.61
+
+
 def test_digits_run_writes_results_and_a_compact_model_that_reloads(tmp_path: Path) -> None:
     cfg = _tiny(tmp_path)
     results = train(cfg)

@@ -174,6 +174,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "arch": cfg.model.arch,
         "lrpet": lrpet is not None,  # False: a dense baseline (callbacks.lrpet=null)
         "rank_ratio": lrpet.config.rank_ratio if lrpet else None,
+        # A budget run's target and allocation (None without a budget).
+        "target_flops_reduction": lrpet.config.target_flops_reduction if lrpet else None,
+        "target_params_reduction": lrpet.config.target_params_reduction if lrpet else None,
+        "allocation": lrpet.config.allocation if lrpet and lrpet.config.budget else None,
         "flops_reduction": 0.0,
         "params_reduction": 0.0,
         "epochs": trainer.current_epoch,
@@ -251,7 +255,11 @@ def _summary(results: dict[str, Any]) -> str:
     def pct(x: Any) -> str:
         return "-" if x is None else f"{100 * x:.2f} %"
 
-    rows = [("model", results["arch"]), ("rank_ratio", str(results["rank_ratio"])),
+    budget = [(f"target {key[7:].replace('_', ' ')}", f"{pct(results[key])} "
+               f"({results['allocation']})") for key in ("target_flops_reduction",
+                                                        "target_params_reduction")
+              if results.get(key) is not None]
+    rows = [("model", results["arch"]), ("rank_ratio", str(results["rank_ratio"])), *budget,
             ("test top-1 (compact)", pct(results["test_acc"])),
             ("val top-1 (compact)", pct(results["val_acc"])),
             ("FLOPs reduction", pct(results["flops_reduction"])),
