@@ -34,3 +34,40 @@ def test_callback_under_fp16_amp() -> None:
     )
     trainer.fit(model)
     assert set(conv_ranks(model).values()) == {RANK}
+
+
+@pytest.mark.parametrize(("svd_method", "tolerance"), [("gram", 1e-5), ("gram32", 1e-3),
+                                                       ("exact", 1e-3)])
+def test_cuda_projection_matches_the_float64_cpu_projection(svd_method: str,
+                                                            tolerance: float) -> None:
+    """The same projection on the GPU as on the CPU in float64: "gram" to float32 round-off
+    (it solves in float64 on the GPU too); the float32 solvers (cuSOLVER) to ~1e-4 at random
+    init, where the spectrum has no gap at the cut."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval()
+    x = torch.randn(4, 3, 32, 32)
+    cpu = copy.deepcopy(model).double()
+    project_low_rank_(cpu, rank_ratio=0.25, example_inputs=x.double(), svd_method="exact")
+    gpu = model.cuda()
+    project_low_rank_(gpu, rank_ratio=0.25, example_inputs=x.cuda(), svd_method=svd_method)
+    for (name, p_cpu), p_gpu in zip(cpu.named_parameters(), gpu.parameters()):
+        err = float((p_gpu.double().cpu() - p_cpu).norm() / p_cpu.norm())
+        assert err < tolerance, (name, err)
+
+
+def test_prepare_for_inference_on_cuda_keeps_the_outputs() -> None:
+    from lrpet_lightning import decompose_
+    from lrpet_lightning.core.inference import prepare_for_inference
+
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval().cuda()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    project_low_rank_(model, rank_ratio=0.25, example_inputs=x)
+    decompose_(model)
+    prepared = prepare_for_inference(model, x, repeats=3)
+    with torch.no_grad():
+        ref, out = model(x), prepared(x)
+    # cuDNN may use TF32 for convolutions: compare at its precision.
+    assert float((out - ref).norm() / ref.norm()) < 1e-2
