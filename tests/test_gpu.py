@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from lrpet_lightning import project_low_rank_
 from lrpet_lightning.models import build_model
@@ -52,8 +53,10 @@ def test_cuda_projection_matches_the_float64_cpu_projection(svd_method: str,
     project_low_rank_(cpu, rank_ratio=0.25, example_inputs=x.double(), svd_method="exact")
     gpu = model.cuda()
     project_low_rank_(gpu, rank_ratio=0.25, example_inputs=x.cuda(), svd_method=svd_method)
-    for (name, p_cpu), p_gpu in zip(cpu.named_parameters(), gpu.parameters()):
-        err = float((p_gpu.double().cpu() - p_cpu).norm() / p_cpu.norm())
+    convs = [(n, m.weight.detach()) for n, m in cpu.named_modules() if isinstance(m, nn.Conv2d)]
+    gpu_convs = [m.weight.detach() for m in gpu.modules() if isinstance(m, nn.Conv2d)]
+    for (name, w_cpu), w_gpu in zip(convs, gpu_convs, strict=True):
+        err = float((w_gpu.double().cpu() - w_cpu).norm() / w_cpu.norm())
         assert err < tolerance, (name, err)
 
 
