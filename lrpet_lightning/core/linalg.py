@@ -114,7 +114,7 @@ def top_singular_triplets(
             code's way); ``"gram"`` — symmetric eigensolver on the smaller Gram matrix
             ``M M^T`` or ``M^T M``, formed and solved in float64 whatever ``M.dtype`` (exact
             to round-off, several times faster than a full SVD on CPU); ``"gram32"`` — the
-            same in ``M.dtype`` (the fast mode: about 1.6x faster again on CPU, error about
+            same in ``M.dtype`` (the fast mode: about 1.4x faster again on CPU, error about
             1e-5 of the weights where the spectrum has no gap at the cut, far less once
             training has been projected); ``"randomized"`` — ``torch.svd_lowrank`` with
             ``niter`` power iterations.
