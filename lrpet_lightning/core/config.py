@@ -108,7 +108,8 @@ class LowRankConfig:
         target_params_reduction: the same for the model's parameters. At most one budget;
             a budget excludes ``rank_ratio`` and ``ranks``.
         allocation: how a budget is shared: ``"uniform"`` (one rank ratio for every layer)
-            or ``"spectrum"`` (per-layer ranks keeping the most energy per FLOP / parameter).
+            or ``"spectrum"`` (per-layer ranks keeping the most energy per FLOP / parameter,
+            as the product of the layers' kept fractions).
             Ignored without a budget.
     """
 
