@@ -203,6 +203,8 @@ class LowRankProjectionCallback(Callback):
         self.last_projected_step = -1
         self.last_projected_epoch = -1
         self.last_records: list[LayerRecord] = []
+        #: The records of this fit's first projection (not checkpointed: a diagnostic).
+        self.first_records: list[LayerRecord] = []
         self.compression: CompressionReport | None = None
         self._layers: list[TargetLayer] | None = None
         # {layer name: rank} of the plan; outlives the plan's modules (decomposition).
@@ -297,6 +299,7 @@ class LowRankProjectionCallback(Callback):
         # its budget ranks back from the checkpoint, which is restored after setup.)
         self._layers, self._example_inputs, self._exact = None, None, False
         self._budget_ranks, self.budget_solution = None, None
+        self.first_records = []
         # Match on the class hierarchy's names so subclasses of these strategies are refused
         # too, without importing optional backends (deepspeed) just to check.
         names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
@@ -500,6 +503,7 @@ class LowRankProjectionCallback(Callback):
         seconds = time.perf_counter() - t0
         self._exact = config.residual_scale == 0.0
         self.last_records = records
+        self.first_records = self.first_records or records
         self.num_projections += 1
         self.last_projected_step = trainer.global_step
         self.last_projected_epoch = trainer.current_epoch

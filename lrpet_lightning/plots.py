@@ -101,25 +101,37 @@ def _as_dict(item: Any) -> dict[str, Any]:
     raise TypeError(f"expected a dataclass or a mapping, got {type(item).__name__}")
 
 
-def _layer_rows(report: Any, records: Sequence[Any] | None) -> list[dict[str, Any]]:
-    """One row per layer: name, rank (None: dense), full_rank, kept_energy (None: unknown)."""
-    energy: dict[str, float] = {}
-    rows: list[dict[str, Any]] = []
-    for rec in map(_as_dict, records or []):
-        if rec.get("skipped") is None:
-            energy[rec["name"]] = rec["kept_energy"]
+def _kept_energy(records: Sequence[Any] | None) -> dict[str, float]:
+    return {rec["name"]: rec["kept_energy"] for rec in map(_as_dict, records or [])
+            if rec.get("skipped") is None}
+
+
+def _match(name: str, values: Mapping[str, float]) -> float | None:
+    """The value of layer ``name``. The callback names layers from the LightningModule
+    ("model.layer1.0.conv1"), the report from the network it counts ("layer1.0.conv1"):
+    an exact name wins, else the shortest name ending in ``"." + name`` (so "conv1" is
+    "model.conv1", not "model.layer1.0.conv1")."""
+    if name in values:
+        return values[name]
+    matches = [n for n in values if n.endswith("." + name)]
+    return values[min(matches, key=len)] if matches else None
+
+
+def _layer_rows(report: Any, records: Sequence[Any] | None,
+                first_records: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+    """One row per layer: name, rank (None: dense), full_rank, kept_energy and
+    first_kept_energy (None: unknown)."""
+    last, first = _kept_energy(records), _kept_energy(first_records)
     if report is not None:
         layers = report.layers if isinstance(report, CompressionReport) else report["layers"]
         rows = [{k: layer[k] for k in ("name", "rank", "full_rank")}
                 for layer in map(_as_dict, layers)]
     else:
         rows = [{k: rec[k] for k in ("name", "rank", "full_rank")}
-                for rec in map(_as_dict, records or [])]
+                for rec in map(_as_dict, records or first_records or [])]
     for row in rows:
-        # The callback names layers from the LightningModule ("model.layer1.0.conv1"), the
-        # report from the network it counts ("layer1.0.conv1"): match on the dotted suffix.
-        row["kept_energy"] = next((e for n, e in energy.items()
-                                   if n == row["name"] or n.endswith("." + row["name"])), None)
+        row["kept_energy"] = _match(row["name"], last)
+        row["first_kept_energy"] = _match(row["name"], first)
     return rows
 
 
@@ -134,6 +146,7 @@ def plot_compression(
     path: str | Path,
     *,
     records: Sequence[Any] | None = None,
+    first_records: Sequence[Any] | None = None,
     spectra: Mapping[str, tuple[Any, Any]] | None = None,
     title: str | None = None,
 ) -> Path:
@@ -144,7 +157,10 @@ def plot_compression(
             gives each layer's rank and full rank. None draws from ``records`` alone.
         path: the PNG file to write.
         records: the per-layer records of a projection (``LayerRecord`` or their dicts, e.g.
-            ``callback.last_records``); adds each layer's kept energy.
+            ``callback.last_records``); adds each layer's kept energy. At the end of a
+            converged run it is close to 1 everywhere (the weights are already rank r).
+        first_records: the records of the run's first projection (``callback.first_records``),
+            drawn beside them: how much energy the projection took at its first application.
         spectra: ``{layer name: (singular values before, after)}`` (tensors or sequences;
             either may be None), e.g. from :func:`layer_spectra` at fit start and at fit end.
         title: the figure's title.
@@ -155,7 +171,8 @@ def plot_compression(
     Raises:
         ValueError: nothing to draw (no report, no records, no spectra).
     """
-    rows = _layer_rows(report, records) if report is not None or records else []
+    has_records = bool(records or first_records)
+    rows = _layer_rows(report, records, first_records) if report is not None or has_records else []
     spectra = dict(spectra or {})
     if not rows and not spectra:
         raise ValueError("plot_compression has nothing to draw: pass a report, records or "
@@ -196,11 +213,17 @@ def _draw_ranks(ax: Any, rows: list[dict[str, Any]], report: Any) -> None:
         ax.set_title(f"per-layer rank: {100 * flops:.1f} % fewer FLOPs, "
                      f"{100 * params:.1f} % fewer parameters", fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
-    energy = [(i, r["kept_energy"]) for i, r in enumerate(rows) if r["kept_energy"] is not None]
-    if energy:
+    series = [("first_kept_energy", "kept energy (first projection)", "o", "none"),
+              ("kept_energy", "kept energy (last projection)", "o", "tab:red")]
+    series = [(key, label, marker, face) for key, label, marker, face in series
+              if any(r[key] is not None for r in rows)]
+    if series:
         twin = ax.twinx()
-        twin.plot([i for i, _ in energy], [e for _, e in energy], "o", color="tab:red",
-                  markersize=3, label="kept energy (last projection)")
+        for key, label, marker, face in series:
+            points = [(i, r[key]) for i, r in enumerate(rows) if r[key] is not None]
+            twin.plot([i for i, _ in points], [e for _, e in points], marker, color="tab:red",
+                      markerfacecolor=face, markersize=3 if face != "none" else 4,
+                      linestyle="none", label=label)
         twin.set_ylim(0.0, 1.05)
         twin.set_ylabel("kept energy: top-r share of ||W||²")
         more_handles, more_labels = twin.get_legend_handles_labels()

@@ -374,7 +374,7 @@ def test_resume_keeps_the_checkpointed_budget_ranks(tmp_path: Path, count_solves
     frozen = first.state_dict()["budget_ranks"]
     assert state["budget_ranks"] == (None if resume_epoch == 0 else frozen)
 
-    # Another model (other weights, so other spectra): the ranks must come from the file.
+    # Resumed from the checkpoint: the ranks must come from the file, not a new solve.
     torch.manual_seed(1)
     second = _budget_callback(budget_warmup_epochs=2)
     make_trainer([second], max_epochs=4, default_root_dir=tmp_path).fit(

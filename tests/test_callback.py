@@ -259,6 +259,20 @@ def test_fit_ends_exactly_low_rank_in_the_same_parameters(kwargs: dict, final: b
     assert all(r.skipped is None for r in cb.last_records)
 
 
+def test_first_and_last_records_are_kept_and_reset_per_fit() -> None:
+    model = Tiny()
+    cb = LowRankProjectionCallback(rank_ratio=0.25, report=False)
+    make_trainer([cb], max_epochs=3).fit(model)
+    assert cb.num_projections == 3
+    # The first projection takes energy from a full-rank init; the last finds the weights
+    # near rank r already.
+    first = {r.name: r.kept_energy for r in cb.first_records}
+    last = {r.name: r.kept_energy for r in cb.last_records}
+    assert first.keys() == last.keys() and all(first[n] < last[n] for n in first)
+    make_trainer([cb], max_epochs=1).fit(Tiny())  # a new fit starts its own record
+    assert [r.kept_energy for r in cb.first_records] == [r.kept_energy for r in cb.last_records]
+
+
 @pytest.mark.parametrize("schedule", [{"every_n_epochs": 2}, {"every_n_train_steps": 3}])
 def test_one_instance_serves_two_fits(schedule: dict) -> None:
     cb = Recorder(rank_ratio=0.25, report=False, **schedule)

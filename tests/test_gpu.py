@@ -74,3 +74,19 @@ def test_prepare_for_inference_on_cuda_keeps_the_outputs() -> None:
         ref, out = model(x), prepared(x)
     # cuDNN may use TF32 for convolutions: compare at its precision.
     assert float((out - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_cuda_gram_projection_is_exact_under_tf32() -> None:
+    """torch.set_float32_matmul_precision("high") (Lightning suggests it on tensor-core GPUs)
+    lets float32 products run in TF32; the default "gram" mode then works in float64."""
+    from lrpet_lightning.core.linalg import project_matrix
+
+    torch.manual_seed(0)
+    M = torch.randn(256, 2304) / 48
+    truth = project_matrix(M.double(), 97, svd_method="exact").matrix
+    torch.set_float32_matmul_precision("high")
+    try:
+        out = project_matrix(M.cuda(), 97, svd_method="gram").matrix.double().cpu()
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert float((out - truth).norm() / truth.norm()) < 1e-6

@@ -19,6 +19,7 @@ from lrpet_lightning.core.linalg import (
     ZERO_LAYER_TOL,
     bn_scale,
     factorize_matrix,
+    float32_matmul_is_ieee,
     matrix_to_weight,
     numerical_rank,
     project_matrix,
@@ -277,13 +278,16 @@ def test_top_singular_triplets_values(svd_method: str) -> None:
     rows, cols, r = 20, 50, 4
     M = _gapped(rows, cols, r)
     torch.manual_seed(0)
-    U, s, V, energy = top_singular_triplets(M, r, svd_method)  # type: ignore[arg-type]
+    # The fast mode is a float32 method: give it float32 and expect float32 accuracy.
+    dtype, tol = (torch.float32, 1e-5) if svd_method == "gram32" else (F64, 1e-8)
+    U, s, V, energy = top_singular_triplets(M.to(dtype), r, svd_method)  # type: ignore[arg-type]
     assert U.shape == (rows, r) and s.shape == (r,) and V.shape == (cols, r)
-    assert_close(s, torch.linspace(10, 5, r, dtype=F64), rtol=1e-7, atol=0)
-    assert_close(energy, _energy(M))
+    assert U.dtype == s.dtype == V.dtype == energy.dtype == dtype
+    assert_close(s.double(), torch.linspace(10, 5, r, dtype=F64), rtol=max(tol, 1e-7), atol=0)
+    assert_close(energy.double(), _energy(M), rtol=max(tol, 1e-7), atol=0)
     # Orthonormal columns on both sides.
-    assert_close(U.mT @ U, torch.eye(r, dtype=F64), atol=1e-8, rtol=0)
-    assert_close(V.mT @ V, torch.eye(r, dtype=F64), atol=1e-8, rtol=0)
+    assert_close((U.mT @ U).double(), torch.eye(r, dtype=F64), atol=tol, rtol=0)
+    assert_close((V.mT @ V).double(), torch.eye(r, dtype=F64), atol=tol, rtol=0)
 
 
 def test_gram_solves_in_float64_for_float32_input() -> None:
@@ -302,6 +306,26 @@ def test_gram_solves_in_float64_for_float32_input() -> None:
     assert _rel_err(gram.double(), truth) < 1e-6
     assert _rel_err(gram.double(), truth) < _rel_err(exact32.double(), truth) / 5
     assert _rel_err(gram32.double(), truth) < 1e-4
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_gram_keeps_its_precision_under_reduced_float32_matmul_precision(precision: str) -> None:
+    """torch.set_float32_matmul_precision("high"/"medium") lets float32 products run in TF32
+    or bf16 (measured 2.3e-3 relative on this CPU with "medium"); "gram", the exact-quality
+    mode, then does its products in float64 and stays at float32 round-off."""
+    torch.manual_seed(0)
+    M = torch.randn(256, 2304) / 48
+    r = 97
+    truth = project_matrix(M.double(), r, svd_method="exact").matrix
+    torch.set_float32_matmul_precision(precision)
+    try:
+        assert not float32_matmul_is_ieee(M)
+        gram = project_matrix(M, r, svd_method="gram").matrix
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert float32_matmul_is_ieee(M)
+    assert gram.dtype == torch.float32
+    assert _rel_err(gram.double(), truth) < 1e-6
 
 
 def test_top_singular_triplets_rejects_bad_rank_and_method() -> None:

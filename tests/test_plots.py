@@ -113,17 +113,30 @@ def test_plot_compression_writes_a_png_from_a_report_or_its_json(tmp_path: Path)
                                  spectra={n: (b.tolist(), None) for n, (b, _) in spectra.items()}))
     _assert_png(plot_compression(None, tmp_path / "spectra_only.png", spectra=spectra))
     _assert_png(plot_compression(None, tmp_path / "records_only.png", records=records))
+    _assert_png(plot_compression(report, tmp_path / "first_and_last.png", records=records,
+                                 first_records=records))
 
 
 def test_layer_rows_join_report_and_records_by_name() -> None:
     report = {"layers": [
         {"name": "conv1", "rank": 4, "full_rank": 16},
+        {"name": "layer1.0.conv1", "rank": 2, "full_rank": 8},
         {"name": "head", "rank": None, "full_rank": 10}]}
-    records = [{"name": "model.conv1", "rank": 4, "full_rank": 16, "kept_energy": 0.75,
+    # The callback's names carry the LightningModule's prefix; "layer1.0.conv1" comes first
+    # and also ends in ".conv1": the stem row must still get model.conv1's values.
+    records = [{"name": "model.layer1.0.conv1", "rank": 2, "full_rank": 8, "kept_energy": 0.5,
+                "skipped": None},
+               {"name": "model.conv1", "rank": 4, "full_rank": 16, "kept_energy": 0.75,
                 "skipped": None}]
-    rows = _layer_rows(report, records)
-    assert rows == [{"name": "conv1", "rank": 4, "full_rank": 16, "kept_energy": 0.75},
-                    {"name": "head", "rank": None, "full_rank": 10, "kept_energy": None}]
+    first = [{**records[1], "kept_energy": 0.25}]
+    rows = _layer_rows(report, records, first)
+    assert rows == [
+        {"name": "conv1", "rank": 4, "full_rank": 16, "kept_energy": 0.75,
+         "first_kept_energy": 0.25},
+        {"name": "layer1.0.conv1", "rank": 2, "full_rank": 8, "kept_energy": 0.5,
+         "first_kept_energy": None},
+        {"name": "head", "rank": None, "full_rank": 10, "kept_energy": None,
+         "first_kept_energy": None}]
 
 
 def test_plots_refuse_to_draw_nothing(tmp_path: Path) -> None:

@@ -120,6 +120,7 @@ def _plot_run(path: Path, cfg: DictConfig, lrpet: LowRankProjectionCallback | No
     try:
         return plot_compression(lrpet.compression if lrpet else None, path,
                                 records=lrpet.last_records if lrpet else None,
+                                first_records=lrpet.first_records if lrpet else None,
                                 spectra={n: (before[n], after[n]) for n in before},
                                 title=title)
     except Exception as err:  # noqa: BLE001 - a picture must not lose a finished run's results

@@ -232,8 +232,8 @@ def _uniform(costs: BudgetCosts, metric: str, target: float,
 
 def _log_kept(tail: float) -> float:
     """``log`` of the kept energy fraction ``1 - tail`` (``-inf`` when nothing is kept)."""
-    kept = 1.0 - tail
-    return math.log(kept) if kept > 0 else -math.inf
+    # log1p keeps the gains of nearly exact low-rank weights (tails ~1e-16) apart.
+    return math.log1p(-tail) if tail < 1.0 else -math.inf
 
 
 def _spectrum(costs: BudgetCosts, metric: str, target: float, min_rank: int,
@@ -303,7 +303,7 @@ def solve_ranks_for_layers(
             f"{name}={target!r} cannot be met: with every targeted layer at "
             f"min_rank={config.min_rank} the model has {100 * best:.1f} % fewer "
             f"{'FLOPs' if metric == 'flops' else 'parameters'} (the untargeted layers keep "
-            f"the rest); allowed: a target in (0, {best:.4f}]"
+            f"the rest); allowed: a target in (0, {math.floor(best * 1e4) / 1e4:.4f}]"
         )
     kept: dict[str, float] = {}
     rho = None

@@ -31,6 +31,7 @@ __all__ = [
     "ProjectionResult",
     "bn_scale",
     "factorize_matrix",
+    "float32_matmul_is_ieee",
     "matrix_to_weight",
     "numerical_rank",
     "project_matrix",
@@ -120,8 +121,8 @@ def top_singular_triplets(
             ``niter`` power iterations.
         niter, oversample: randomized SVD's power iterations and oversampling.
 
-    The triplets' accuracy is that of the method; ``energy`` is exact to ``M.dtype``'s
-    round-off (float64 for ``"gram"``).
+    The triplets' accuracy is that of the method; ``energy`` is summed in float64 for
+    ``"gram"`` and returned, like the triplets, in ``M.dtype``.
     """
     rows, cols = M.shape
     n = min(rows, cols)
@@ -153,6 +154,20 @@ def top_singular_triplets(
         U, s, V = torch.svd_lowrank(M, q=q, niter=niter)
         return Triplets(U[:, :r], s[:r], V[:, :r], M.square().sum())
     raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {method!r}")
+
+
+def float32_matmul_is_ieee(t: Tensor) -> bool:
+    """Whether float32 matrix products on ``t``'s device run in IEEE float32, not in TF32 or
+    bf16 (which ``torch.set_float32_matmul_precision("high"/"medium")`` or the backends'
+    ``fp32_precision`` allow; about 1e-3 relative). Reads the per-backend settings, which
+    works whichever API (legacy or new) set them."""
+    backend = torch.backends.cuda.matmul if t.is_cuda else torch.backends.mkldnn.matmul
+    precision = getattr(backend, "fp32_precision", None)
+    if precision is None:  # torch without the per-backend API
+        return torch.get_float32_matmul_precision() == "highest"
+    if precision == "none":  # inherits the generic setting
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision in ("none", "ieee")
 
 
 # ----------------------------------------------------------------------- projection
@@ -197,6 +212,11 @@ def project_matrix(
         the largest singular value is below ``ZERO_LAYER_TOL`` — callers treat that as skip.
     """
     rho = float(residual_scale)
+    given = M
+    if svd_method == "gram" and M.dtype != torch.float64 and not float32_matmul_is_ieee(M):
+        # TF32 / bf16 float32 matmuls (torch.set_float32_matmul_precision("high"/"medium"))
+        # are ~1e-3 off: the exact-quality mode then does its products in float64.
+        M = M.double()
     a = None
     if scale is not None:
         a = scale.to(M.dtype).reshape(-1, 1)
@@ -204,7 +224,7 @@ def project_matrix(
     U, s, V, energy = top_singular_triplets(Mb, r, svd_method)
     top = float(s[0]) if s.numel() else 0.0
     if top < ZERO_LAYER_TOL:
-        return ProjectionResult(M, 1.0, 0.0, top)
+        return ProjectionResult(given, 1.0, 0.0, top)
 
     kept = s.square().sum()
     tail = (energy - kept).clamp_min(0)  # float error can make it slightly negative
@@ -223,7 +243,7 @@ def project_matrix(
         M_new = Mb_new
     norm = torch.linalg.matrix_norm(M)
     change = float(torch.linalg.matrix_norm(M_new - M) / norm) if norm > 0 else 0.0
-    return ProjectionResult(M_new, float(kept / energy), change, top)
+    return ProjectionResult(M_new.to(given.dtype), float(kept / energy), change, top)
 
 
 # ----------------------------------------------------------------- decomposition maths
