@@ -190,6 +190,11 @@ def plot_compression(
         ax = fig.add_subplot(grid[(1 if rows else 0) + i // columns, i % columns])
         _draw_spectrum(ax, name, before, after, rank_of.get(name))
     fig.suptitle(title or "LRPET compression")
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``; return ``path`` as a Path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,9 +296,4 @@ def plot_pareto(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or f"{accuracy_label} vs FLOPs reduction", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
