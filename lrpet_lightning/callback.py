@@ -27,12 +27,13 @@ from lrpet_lightning.core.distributed import project_layers_distributed_
 from lrpet_lightning.core.report import CompressionReport, compression_report
 from lrpet_lightning.core.transforms import (
     LayerRecord,
-    attach_bn_pairs,
     decompose_,
     decomposed_ranks,
     match_architecture_,
 )
-from lrpet_lightning.core.walk import BNPairTracer, TargetLayer, select_layers
+from lrpet_lightning.core.trace import BNPairTracer
+from lrpet_lightning.core.plan import LayerPlan, apply_trace, skip_message
+from lrpet_lightning.core.walk import Selection, TargetLayer, select
 
 __all__ = ["LowRankProjectionCallback"]
 
@@ -314,16 +315,28 @@ class LowRankProjectionCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Plan here, after configure_model and before the first step, so that a pattern
         # that matches nothing fails before any training time is spent.
-        if self.config.budget is None:
-            self._layers = select_layers(pl_module, self.config)
-        else:
-            # Every targeted layer at full rank until the budget is solved.
-            self._layers = select_layers(pl_module, budget_selection(self.config))
-            if self._budget_ranks is not None:  # restored from a checkpoint: frozen
-                self._apply_budget_ranks(self._budget_ranks)
+        config = self.config if self.config.budget is None else budget_selection(self.config)
+        try:
+            # (for a budget: every targeted layer at full rank until the budget is solved)
+            selection = select(pl_module, config)
+        except ValueError:
+            if not decomposed_ranks(pl_module):
+                raise
+            # A relaunch of a run that was decomposed at fit end (the checkpoint holds thin
+            # layers): they are rank r by construction, and nothing is left to project.
+            selection = Selection([])
+            rank_zero_info("LRPET: the model is already decomposed into thin layers; "
+                           "nothing is left to project")
+        self._check_overlap(trainer, selection.layers)
+        self._layers = selection.layers
+        if selection.skipped:
+            rank_zero_warn("LRPET: " + skip_message("LowRankProjectionCallback",
+                                                     selection.skipped))
+        if self.config.budget is not None and self._budget_ranks is not None and self._layers:
+            self._apply_budget_ranks(self._budget_ranks)  # restored from a checkpoint: frozen
         self._ranks = ({} if self.config.budget is not None and self._budget_ranks is None
                        else {layer.name: layer.rank for layer in self._layers})
-        self._traced = False
+        self._traced = not self._layers  # nothing to trace when nothing is planned
         n = len(self._layers)
         rank_zero_info(f"LRPET: projecting {n} layer(s) "
                        + (f"every {self.every_n_train_steps} optimizer step(s)"
@@ -337,8 +350,8 @@ class LowRankProjectionCallback(Callback):
             return
         # Trace conv->BN pairs during this very training step: no extra forward pass.
         self._traced = True
-        if self.config.bn_rectification:
-            self._tracer = BNPairTracer(pl_module, self._layers).__enter__()
+        # The tracer also finds layers whose .weight their parent reads (kept dense).
+        self._tracer = BNPairTracer(pl_module, self._layers).__enter__()
         counts_flops = self.config.budget is not None and self.config.budget[0] == "flops"
         if (self.report or counts_flops) and self._example_inputs is None:
             root = self._report_root(pl_module)
@@ -356,7 +369,10 @@ class LowRankProjectionCallback(Callback):
         if stepped:
             self._exact = False
         if self.every_n_train_steps is not None:
-            if stepped and self.should_project(step, epoch):  # right after a step, once
+            # Right after a step, once, if a scheduled step was reached or crossed (several
+            # optimizers in manual optimization advance global_step by more than one).
+            if stepped and any(self.should_project(t, epoch)
+                               for t in range(self._step_at_batch_start + 1, step + 1)):
                 self._project(trainer, pl_module)
         elif trainer.is_last_batch:
             # Project on the epoch's last batch, before validation and checkpointing run,
@@ -385,7 +401,7 @@ class LowRankProjectionCallback(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish_tracing(pl_module)
-        if self._layers is None or not self._traced:  # no training step ran
+        if not self._layers or not self._traced:  # no training step ran, or nothing planned
             return
         if self.config.budget is not None and self._budget_ranks is None:
             self._solve_budget(trainer, pl_module)  # training ended within the warm-up
@@ -407,6 +423,22 @@ class LowRankProjectionCallback(Callback):
             rank_zero_info(f"LRPET: decomposed {len(decomposed)} layer(s) into thin pairs")
 
     # ------------------------------------------------------------------------ internals
+    def _check_overlap(self, trainer: pl.Trainer, layers: Sequence[TargetLayer]) -> None:
+        """Refuse two LRPET callbacks projecting the same layer (each would fight the other's
+        ranks, and the second decomposition would find the layer gone)."""
+        mine = {id(layer.module): layer.name for layer in layers}
+        for other in trainer.callbacks:
+            if other is self or not isinstance(other, LowRankProjectionCallback):
+                continue
+            shared = [mine[id(layer.module)] for layer in other._layers or []
+                      if id(layer.module) in mine]
+            if shared:
+                raise MisconfigurationException(
+                    f"two LowRankProjectionCallback instances target the same layers "
+                    f"({', '.join(shared[:4])}{', ...' if len(shared) > 4 else ''}); give them "
+                    "disjoint include/exclude patterns"
+                )
+
     def _maybe_project_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._projected_this_epoch and self.should_project(trainer.global_step,
                                                                   trainer.current_epoch):
@@ -429,10 +461,21 @@ class LowRankProjectionCallback(Callback):
         if self._tracer is None:
             return
         self._tracer.__exit__()
-        pairs = self._tracer.pairs()
+        trace = self._tracer.trace()
         self._tracer = None
-        attach_bn_pairs(self._layers or [], pairs)
-        if not pairs and any(isinstance(m, _BatchNorm) for m in pl_module.modules()):
+        plan = LayerPlan(self._layers or [])
+        apply_trace(plan, trace, self.config.bn_rectification)
+        if trace.ran:  # hooks fire (not a compiled model): name the layers that did not run
+            for layer in plan.layers:
+                if layer.name not in trace.ran:
+                    plan.notes[layer.name] = ("did not run in the first training step: no BN "
+                                              "rectification for it")
+        self._layers = plan.layers
+        self._ranks = {n: r for n, r in self._ranks.items() if n not in plan.skipped}
+        message = skip_message("LowRankProjectionCallback", plan.skipped, plan.notes)
+        if message:
+            rank_zero_warn("LRPET: " + message)
+        if not trace.pairs and any(isinstance(m, _BatchNorm) for m in pl_module.modules()):
             rank_zero_warn("LRPET: no conv feeds a BatchNorm directly in the first training "
                            "step (a compiled model hides its data flow from hooks); BN "
                            "rectification is off. Set bn_rectification=False to silence this.")
@@ -501,7 +544,10 @@ class LowRankProjectionCallback(Callback):
         # stay bitwise identical and the SVD work is shared (a plain call otherwise).
         records = project_layers_distributed_(self._layers or [], config)
         seconds = time.perf_counter() - t0
-        self._exact = config.residual_scale == 0.0
+        # Exactly low rank only if no layer failed (a transient SVD failure at the last
+        # scheduled projection must not skip the final one).
+        self._exact = config.residual_scale == 0.0 and all(
+            r.skipped in (None, "rank >= full rank", "all-zero layer") for r in records)
         self.last_records = records
         self.first_records = self.first_records or records
         self.num_projections += 1
@@ -567,10 +613,13 @@ class LowRankProjectionCallback(Callback):
             return
         if trainer.is_global_zero:
             rank_zero_info("LRPET compression report:\n" + self.compression.format_table())
-            os.makedirs(log_dir, exist_ok=True)
             path = os.path.join(log_dir, "compression_report.json")
-            with atomic_write(path) as f:
-                json.dump(self.compression.to_dict(), f, indent=2)
+            try:
+                with atomic_write(path) as f:
+                    json.dump(self.compression.to_dict(), f, indent=2)
+            except OSError as err:  # a read-only log dir must not lose the decomposition
+                rank_zero_warn(f"LRPET: the compression report could not be written to {path}:"
+                               f" {type(err).__name__}: {err}")
         for logger in trainer.loggers:
             logger.log_metrics({"lrpet/flops_reduction": self.compression.flops_reduction,
                                 "lrpet/params_reduction": self.compression.params_reduction},

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lrpet_lightning.core.factorized import FactorizedLayer
 from lrpet_lightning.core.linalg import weight_to_matrix
 from lrpet_lightning.core.report import CompressionReport
 from lrpet_lightning.core.walk import CONV_TYPES, full_rank_of
@@ -40,6 +41,8 @@ _SPECTRUM_FLOOR = 1e-3
 
 
 def _has_matrix_weight(module: nn.Module) -> bool:
+    if isinstance(module, FactorizedLayer):
+        return True
     weight = getattr(module, "weight", None)
     return isinstance(weight, Tensor) and weight.dim() >= 2
 
@@ -77,8 +80,9 @@ def layer_spectra(model: nn.Module, names: Iterable[str]) -> dict[str, Tensor]:
             preview = ", ".join(eligible[:8]) + (", ..." if len(eligible) > 8 else "")
             raise ValueError(f"spectra layer {name!r} is not a layer of {type(model).__name__} "
                              f"with a weight matrix; layers with one: {preview}")
+        weight = module.dense_weight() if isinstance(module, FactorizedLayer) else module.weight
         with torch.no_grad():
-            matrix = weight_to_matrix(module.weight.detach()).to("cpu", torch.float64)
+            matrix = weight_to_matrix(weight.detach()).to("cpu", torch.float64)
             spectra[name] = torch.linalg.svdvals(matrix)
     return spectra
 

@@ -228,8 +228,10 @@ def test_custom_should_project_is_honoured() -> None:
         def should_project(self, step: int, epoch: int) -> bool:
             return step % 5 == 0
 
-    epochs = EvenEpochs(rank_ratio=0.25, report=False)
-    steps = EveryFifthStep(rank_ratio=0.25, every_n_train_steps=1, report=False)
+    # Two callbacks on disjoint layers (overlapping targets are refused).
+    epochs = EvenEpochs(rank_ratio=0.25, report=False, include="net.conv1")
+    steps = EveryFifthStep(rank_ratio=0.25, every_n_train_steps=1, report=False,
+                           exclude="net.conv1")
     make_trainer([epochs, steps], max_epochs=4).fit(Tiny())
     assert epochs.scheduled(1) == [0, 2] and epochs.final
     assert steps.scheduled(0) == [5, 10, 15] and steps.final

@@ -21,7 +21,8 @@ from lrpet_lightning.core.transforms import (
     project_low_rank_,
     recompose_,
 )
-from lrpet_lightning.core.walk import BNPairTracer, TargetLayer, select_layers, trace_bn_pairs
+from lrpet_lightning.core.trace import BNPairTracer, trace_bn_pairs
+from lrpet_lightning.core.walk import TargetLayer, select_layers
 
 __all__ = [
     "BNPairTracer",

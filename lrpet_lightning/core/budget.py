@@ -46,9 +46,9 @@ import torch
 from torch import Tensor, nn
 
 from lrpet_lightning.core.config import LowRankConfig
-from lrpet_lightning.core.linalg import bn_scale, weight_to_matrix
+from lrpet_lightning.core.linalg import bn_scale
 from lrpet_lightning.core.report import count_flops
-from lrpet_lightning.core.walk import TargetLayer, select_layers, trace_bn_pairs
+from lrpet_lightning.core.walk import TargetLayer
 
 __all__ = [
     "BudgetCosts",
@@ -157,7 +157,7 @@ def budget_costs(
     flops = count_flops(model, example_inputs) if example_inputs is not None else {"": 0}
     costs = []
     for layer in layers:
-        rows, cols = weight_to_matrix(layer.module.weight).shape
+        rows, cols = layer.matrix().shape
         costs.append(LayerBudgetCost(layer.name, int(rows), int(cols), layer.full_rank,
                                      int(flops.get(layer.name, 0))))
     return BudgetCosts(tuple(costs), int(flops[""]),
@@ -174,7 +174,7 @@ def layer_energies(layers: Sequence[TargetLayer], bn_rectification: bool = True)
     """
     out = []
     for layer in layers:
-        M = weight_to_matrix(layer.module.weight.detach()).to(torch.float64)
+        M = layer.matrix().to(torch.float64)
         bn = layer.bn
         if bn_rectification and bn is not None and bn.running_var is not None:
             a = bn_scale(bn.running_var, bn.eps, bn.weight if bn.affine else None)
@@ -380,12 +380,11 @@ def solve_ranks(
         bn_rectification=bn_rectification, include_linear=include_linear, include=include,
         exclude=exclude, min_rank=min_rank,
     )
-    layers = select_layers(model, budget_selection(config))
-    if allocation == "spectrum" and bn_rectification and example_inputs is not None:
-        pairs = trace_bn_pairs(model, layers, example_inputs)
-        for layer in layers:
-            layer.bn_name, layer.bn = pairs.get(layer.name, (None, None))
-    return solve_ranks_for_layers(model, layers, config, example_inputs)
+    from lrpet_lightning.core.plan import plan_layers
+
+    plan = plan_layers(model, config, example_inputs, solve_budget=False)
+    plan.warn("solve_ranks")
+    return solve_ranks_for_layers(model, plan.layers, config, example_inputs)
 
 
 def budget_selection(config: LowRankConfig) -> LowRankConfig:

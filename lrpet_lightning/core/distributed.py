@@ -77,13 +77,16 @@ def project_layers_distributed_(
     my_records = {r.name: r for r in project_layers_(mine, config)}
 
     with torch.no_grad():
+        # Into buffers first, then all written at once: an interruption mid-way leaves every
+        # replica as it was, never half projected (as project_layers_ does on one process).
+        received = []
         for layer, owner in zip(layers, owners):
             src = dist.get_global_rank(group, owner) if group is not None else owner
-            weight = layer.module.weight.data
-            buffer = weight if weight.is_contiguous() else weight.contiguous()  # e.g. channels_last
+            buffer = layer.module.weight.detach().contiguous().clone()
             dist.broadcast(buffer, src=src, group=group)
-            if buffer is not weight:
-                weight.copy_(buffer)
+            received.append(buffer)
+        for layer, buffer in zip(layers, received):
+            layer.module.weight.copy_(buffer)
 
     gathered: list[dict[str, LayerRecord] | None] = [None] * world
     dist.all_gather_object(gathered, my_records, group=group)

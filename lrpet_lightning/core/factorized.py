@@ -1,21 +1,30 @@
 """Factorized layers: a rank-r layer as two thin layers (ALGORITHM.md §6).
 
-``FactorizedConv``: a conv of the original kind, kernel, stride, padding, dilation and
-padding_mode mapping ``C -> r`` without bias, then a 1x1 conv ``r -> N`` with the
-original bias. ``FactorizedLinear``: ``Linear(in, r, bias=False)`` then ``Linear(r, out)``.
+``FactorizedConv``: a *plain* conv of the original dimensionality, kernel, stride, padding,
+dilation and padding_mode mapping ``C -> r`` without bias, then a 1x1 conv ``r -> N`` with
+the original bias. ``FactorizedLinear``: ``Linear(in, r, bias=False)`` then
+``Linear(r, out)`` (also for Hugging Face's ``Conv1D``, a Linear with a transposed weight).
+The thin layers are always the plain torch classes, never the original's subclass: a
+subclass with its own forward (e.g. a weight-standardized conv) is never factorized.
 
-Both keep read-only ``weight`` and ``bias`` properties equal to the dense layer's, so
-code that reads a child's ``.weight`` directly (e.g. the fused fast path of
-``nn.TransformerEncoderLayer``) keeps computing the right thing.
+Both keep the attributes a parent may read off the dense layer (``in_channels``,
+``stride``, ``in_features``...), carry over ``requires_grad`` of a frozen layer, and have
+a read-only ``weight`` equal to the dense layer's — rebuilt on every read, so code that
+reads a child's ``.weight`` keeps computing the right thing; such a read is warned about
+once, because it costs the FLOPs the factorization saves.
 """
 
 from __future__ import annotations
 
+import warnings
+
 from torch import Tensor, nn
 
 from lrpet_lightning.core.linalg import factorize_matrix, weight_to_matrix
+from lrpet_lightning.core.walk import CONV_TYPES, is_hf_conv1d, layer_matrix
 
-__all__ = ["FACTORIZED_TYPES", "FactorizedConv", "FactorizedLayer", "FactorizedLinear"]
+__all__ = ["FACTORIZED_TYPES", "FactorizedConv", "FactorizedLayer", "FactorizedLinear",
+           "factorized_type"]
 
 
 class FactorizedLayer(nn.Module):
@@ -33,30 +42,50 @@ class FactorizedLayer(nn.Module):
     def rank(self) -> int:
         return self.first.weight.shape[0]
 
-    @property
-    def weight(self) -> Tensor:
-        """The equivalent dense weight ``second @ first`` (computed, not a parameter)."""
+    def dense_weight(self) -> Tensor:
+        """The equivalent dense weight ``second @ first``, in the dense layer's shape."""
         dense = weight_to_matrix(self.second.weight) @ weight_to_matrix(self.first.weight)
         out_features = self.second.weight.shape[0]
         return dense.reshape(out_features, *self.first.weight.shape[1:])
 
     @property
+    def weight(self) -> Tensor:
+        """The equivalent dense weight (computed, not a parameter): see the module doc."""
+        if not self.__dict__.get("_weight_read_warned"):
+            self.__dict__["_weight_read_warned"] = True
+            warnings.warn(
+                f"LRPET: .weight of a {type(self).__name__} (rank {self.rank}) was read: the "
+                "dense weight is rebuilt from the thin pair on every read, which costs what "
+                "the factorization saves. If the parent's forward reads it, keep that layer "
+                "dense (decompose_(..., example_inputs=x) detects such layers)",
+                RuntimeWarning, stacklevel=2,
+            )
+        return self.dense_weight()
+
+    @property
     def bias(self) -> Tensor | None:
         return self.second.bias
 
-    def _split(self, dense: nn.Module, rank: int) -> None:
-        """Fill ``first``/``second`` from the SVD of ``dense``'s weight, truncated at ``rank``."""
-        w = dense.weight.detach()
-        A, B = factorize_matrix(weight_to_matrix(w).double(), rank)
+    def _split(self, matrix: Tensor, bias: Tensor | None, rank: int,
+               frozen: tuple[bool, bool]) -> None:
+        """Fill ``first``/``second`` from the SVD of ``matrix`` (rows = outputs) at ``rank``."""
+        A, B = factorize_matrix(matrix.detach().double(), rank)
         self.first.weight.data.copy_(B.reshape(self.first.weight.shape))
         self.second.weight.data.copy_(A.reshape(self.second.weight.shape))
-        if dense.bias is not None:
-            self.second.bias.data.copy_(dense.bias.detach())
+        if bias is not None:
+            self.second.bias.data.copy_(bias.detach())
+        weight_grad, bias_grad = frozen
+        self.first.weight.requires_grad_(weight_grad)
+        self.second.weight.requires_grad_(weight_grad)
+        if self.second.bias is not None:
+            self.second.bias.requires_grad_(bias_grad)
 
     def _dense_into(self, dense: nn.Module) -> nn.Module:
-        dense.weight.data.copy_(self.weight.detach())
+        dense.weight.data.copy_(self.dense_weight().detach())
+        dense.weight.requires_grad_(self.first.weight.requires_grad)
         if dense.bias is not None:
             dense.bias.data.copy_(self.second.bias.detach())
+            dense.bias.requires_grad_(self.second.bias.requires_grad)
         return dense
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
@@ -78,6 +107,18 @@ class FactorizedLayer(nn.Module):
         return f"rank={self.rank}"
 
 
+def _grads(module: nn.Module) -> tuple[bool, bool]:
+    bias = getattr(module, "bias", None)
+    return module.weight.requires_grad, bias.requires_grad if bias is not None else True
+
+
+def _plain_conv_type(conv: nn.Module) -> type[nn.Module]:
+    for kind in CONV_TYPES:
+        if isinstance(conv, kind):
+            return kind
+    raise TypeError(f"conv must be a Conv1d/2d/3d, got {type(conv).__name__}")
+
+
 class FactorizedConv(FactorizedLayer):
     """A Conv1d/2d/3d (groups=1) of rank ``r`` as ``kxk C->r`` then ``1x1 r->N``."""
 
@@ -86,7 +127,7 @@ class FactorizedConv(FactorizedLayer):
         """Split ``conv`` at ``rank`` (exact when its weight has rank ``rank``)."""
         if conv.groups != 1:
             raise ValueError(f"conv.groups must be 1 to factorize, got {conv.groups}")
-        kind = type(conv)
+        kind = _plain_conv_type(conv)
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         first = kind(
             conv.in_channels, rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
@@ -94,7 +135,7 @@ class FactorizedConv(FactorizedLayer):
         )
         second = kind(rank, conv.out_channels, 1, bias=conv.bias is not None, **factory)
         layer = cls(first, second)
-        layer._split(conv, rank)
+        layer._split(layer_matrix(conv), conv.bias, rank, _grads(conv))
         return layer
 
     def to_dense(self) -> nn.Module:
@@ -107,27 +148,43 @@ class FactorizedConv(FactorizedLayer):
         )
         return self._dense_into(dense)
 
+    # What parents read off a conv (e.g. Whisper reads conv1.stride).
+    in_channels = property(lambda self: self.first.in_channels)
+    out_channels = property(lambda self: self.second.out_channels)
+    kernel_size = property(lambda self: self.first.kernel_size)
+    stride = property(lambda self: self.first.stride)
+    padding = property(lambda self: self.first.padding)
+    dilation = property(lambda self: self.first.dilation)
+    padding_mode = property(lambda self: self.first.padding_mode)
+    groups = property(lambda self: 1)
+
 
 class FactorizedLinear(FactorizedLayer):
     """A Linear of rank ``r`` as ``Linear(in, r, bias=False)`` then ``Linear(r, out)``."""
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, rank: int) -> FactorizedLinear:
-        """Split ``linear`` at ``rank`` (exact when its weight has rank ``rank``)."""
-        factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        first = nn.Linear(linear.in_features, rank, bias=False, **factory)
-        second = nn.Linear(rank, linear.out_features, bias=linear.bias is not None, **factory)
+    def from_dense(cls, linear: nn.Module, rank: int) -> FactorizedLinear:
+        """Split ``linear`` (an ``nn.Linear`` or HF ``Conv1D``) at ``rank`` (exact when its
+        weight has rank ``rank``)."""
+        matrix = layer_matrix(linear)
+        out_features, in_features = matrix.shape
+        factory = {"device": matrix.device, "dtype": matrix.dtype}
+        first = nn.Linear(in_features, rank, bias=False, **factory)
+        second = nn.Linear(rank, out_features, bias=linear.bias is not None, **factory)
         layer = cls(first, second)
-        layer._split(linear, rank)
+        layer._split(matrix, linear.bias, rank, _grads(linear))
         return layer
 
     def to_dense(self) -> nn.Linear:
-        """The equivalent single Linear."""
+        """The equivalent single Linear (an ``nn.Linear``, also for a former HF ``Conv1D``)."""
         dense = nn.Linear(
             self.first.in_features, self.second.out_features, bias=self.second.bias is not None,
             device=self.first.weight.device, dtype=self.first.weight.dtype,
         )
         return self._dense_into(dense)
+
+    in_features = property(lambda self: self.first.in_features)
+    out_features = property(lambda self: self.second.out_features)
 
 
 #: Dense layer type -> its factorized module.
@@ -137,3 +194,13 @@ FACTORIZED_TYPES: dict[type[nn.Module], type[FactorizedLayer]] = {
     nn.Conv3d: FactorizedConv,
     nn.Linear: FactorizedLinear,
 }
+
+
+def factorized_type(module: nn.Module) -> type[FactorizedLayer]:
+    """The factorized module class for ``module`` (a conv, Linear or HF ``Conv1D``)."""
+    if is_hf_conv1d(module):
+        return FactorizedLinear
+    for dense_type, factorized in FACTORIZED_TYPES.items():
+        if isinstance(module, dense_type):
+            return factorized
+    raise TypeError(f"no factorized form for {type(module).__name__}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Literal
@@ -25,9 +26,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from lrpet_lightning.core.factorized import FactorizedLayer
-from lrpet_lightning.core.walk import CONV_TYPES, BNPairTracer, TargetLayer, run_forward
+from lrpet_lightning.core.trace import BNPairTracer, run_forward
+from lrpet_lightning.core.transforms import set_submodule
+from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer
 
-__all__ = ["fold_batchnorms_", "prepare_for_inference", "race", "use_faster_forms_"]
+__all__ = ["fold_batchnorms_", "output_error", "prepare_for_inference", "race", "use_faster_forms_"]
 
 
 def prepare_for_inference(
@@ -42,13 +45,18 @@ def prepare_for_inference(
 
     Three steps, each exact up to float round-off (``model`` itself is not modified):
 
-    1. every BatchNorm that directly follows a conv is folded into it (for a
-       ``FactorizedConv`` into its second, 1x1 conv) and replaced by ``nn.Identity``;
+    1. every plain BatchNorm that directly follows a plain conv is folded into it (for a
+       ``FactorizedConv`` into its second, 1x1 conv) and replaced by ``nn.Identity``
+       (subclasses, e.g. timm's ``BatchNormAct2d``, are left as they are);
     2. the Conv2d weights are made channels_last (``"auto"``: only if the whole model
        runs faster that way on ``example_inputs``);
     3. with ``latency_aware``, each factorized layer is timed against its dense
        equivalent on the activation it receives and replaced by the dense conv when that
        is faster.
+
+    The prepared copy's outputs are then checked against ``model``'s on ``example_inputs``:
+    if they differ by more than ``OUTPUT_RTOL`` (relative), a warning says so and an
+    unprepared eval-mode copy is returned instead.
 
     Timings are best-of-``repeats``, with candidates interleaved so that a busy machine
     slows them alike. The choices hold for the batch size, device and thread count of
@@ -80,8 +88,10 @@ def prepare_for_inference(
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
 
+    reference = copy.deepcopy(model).eval()
     prepared = copy.deepcopy(model).eval()
     with torch.no_grad():
+        expected = run_forward(reference, example_inputs)
         fold_batchnorms_(prepared, example_inputs)
         if channels_last == "auto":
             channels_last = _channels_last_is_faster(prepared, example_inputs, repeats)
@@ -92,10 +102,50 @@ def prepare_for_inference(
                 prepared, _to_format(example_inputs, channels_last), repeats,
                 channels_last=channels_last,
             )
+        error = output_error(run_forward(prepared, _to_format(example_inputs, channels_last)),
+                             expected)
+    if not error <= OUTPUT_RTOL:
+        warnings.warn(
+            f"prepare_for_inference: the prepared {type(model).__name__} computes something "
+            f"else (relative output error {error:.3g} > {OUTPUT_RTOL:g}); the model is "
+            "returned unprepared (in eval mode)", RuntimeWarning, stacklevel=2)
+        return reference
     return prepared
 
 
+#: Largest relative output change :func:`prepare_for_inference` accepts (float32 round-off
+#: of folding and re-ordering is ~1e-6).
+OUTPUT_RTOL = 1e-4
+
+
+def _tensor_leaves(output: Any) -> list[Tensor]:
+    if hasattr(output, "to_tuple"):  # Hugging Face ModelOutput
+        output = output.to_tuple()
+    return [t for t in tree_leaves(output) if isinstance(t, Tensor)]
+
+
+def output_error(output: Any, expected: Any) -> float:
+    """Largest ``||a - b|| / ||b||`` over the tensors of two model outputs of one structure
+    (``inf`` when the structures differ)."""
+    got, want = _tensor_leaves(output), _tensor_leaves(expected)
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(got, want):
+        if not b.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(a, b) else float("inf"))
+            continue
+        a, b = a.double(), b.double()
+        norm = float(b.norm())
+        diff = float((a - b).norm())
+        worst = max(worst, diff / norm if norm > 0 else diff)
+    return worst
+
+
 # ------------------------------------------------------------------------ BN folding
+_PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 @torch.no_grad()
 def fold_batchnorms_(model: nn.Module, example_inputs: Any) -> list[str]:
     """Fold each BatchNorm that directly follows a conv into that conv, in place; the
@@ -114,14 +164,18 @@ def fold_batchnorms_(model: nn.Module, example_inputs: Any) -> list[str]:
     """
     if model.training:
         raise ValueError("fold_batchnorms_ needs a model in eval mode; call model.eval() first")
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, CONV_TYPES)}
-    pairs = _sole_conv_bn_pairs(model, convs, example_inputs)
+    # Only a plain conv (its forward uses .weight as is) into a plain BatchNorm (an affine
+    # map in eval): a subclass may do more (timm's BatchNormAct2d also applies the
+    # activation; a weight-standardized conv rescales its weight in its forward).
+    convs = {n: m for n, m in model.named_modules() if type(m) in CONV_TYPES}
+    pairs = {c: b for c, b in _sole_conv_bn_pairs(model, convs, example_inputs).items()
+             if type(model.get_submodule(b)) in _PLAIN_BATCHNORMS}
     for conv_name, bn_name in pairs.items():
         conv, bn = convs[conv_name], model.get_submodule(bn_name)
         conv.weight, conv.bias = fuse_conv_bn_weights(
             conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
         )
-        _set_submodule(model, bn_name, nn.Identity())
+        set_submodule(model, bn_name, nn.Identity())
     return list(pairs.values())
 
 
@@ -198,11 +252,6 @@ class _UseCounter(TorchFunctionMode):
         return entry[1] if entry is not None and entry[0] is tensor else 0
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 # ------------------------------------------------------------------------ channels_last
 def _to_channels_last_(model: nn.Module) -> None:
     # Only 4-D weights have a channels_last layout; Conv1d/Conv3d stay as they are.
@@ -267,7 +316,7 @@ def use_faster_forms_(
     for i, name in enumerate(layers):
         t_factorized, t_dense = times[2 * i], times[2 * i + 1]
         if t_dense < t_factorized:
-            _set_submodule(model, name, denses[name])
+            set_submodule(model, name, denses[name])
             made_dense.append(name)
     return made_dense
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,9 +12,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lrpet_lightning.core.factorized import FactorizedLayer
-from lrpet_lightning.core.walk import CONV_TYPES, full_rank_of, run_forward
+from lrpet_lightning.core.trace import eval_mode, run_forward
+from lrpet_lightning.core.walk import CONV_TYPES, full_rank_of, is_hf_conv1d
 
-__all__ = ["CompressionReport", "LayerCost", "compression_report", "count_flops"]
+__all__ = ["CompressionReport", "LayerCost", "compression_report", "count_flops",
+           "uncounted_modules"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,26 @@ class CompressionReport:
     dense_params: int
     compact_params: int
     layers: list[LayerCost] = field(default_factory=list)
+    #: ``{module: parameters}`` of the modules whose FLOPs could not be counted (no formula
+    #: in ``torch.utils.flop_counter``): the FLOPs totals leave them out.
+    uncounted: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def flops_fully_counted(self) -> bool:
+        """False when some module's FLOPs could not be counted (see ``uncounted``)."""
+        return not self.uncounted
+
+    def uncounted_note(self) -> str:
+        """What the FLOPs totals leave out ('' when nothing)."""
+        if not self.uncounted:
+            return ""
+        share = sum(self.uncounted.values()) / max(self.dense_params, 1)
+        names = ", ".join(f"{n or '(model)'} ({_human(p)} params)"
+                          for n, p in list(self.uncounted.items())[:6])
+        more = f" and {len(self.uncounted) - 6} more" if len(self.uncounted) > 6 else ""
+        return (f"the FLOPs of {len(self.uncounted)} module(s) holding {100 * share:.1f} % of "
+                f"the parameters could not be counted (no FLOPs formula for their ops): "
+                f"{names}{more}; the FLOPs figures cover the counted part only")
 
     @property
     def flops_reduction(self) -> float:
@@ -56,6 +79,7 @@ class CompressionReport:
         """A JSON-ready dict (totals, reductions and the per-layer rows)."""
         out = asdict(self)
         out["flops_reduction"] = self.flops_reduction
+        out["flops_fully_counted"] = self.flops_fully_counted
         out["params_reduction"] = self.params_reduction
         return out
 
@@ -76,10 +100,12 @@ class CompressionReport:
                "params after"]
 
     def summary(self) -> str:
-        return (f"FLOPs {_human(self.dense_flops)} -> {_human(self.compact_flops)} "
+        counted = "" if self.flops_fully_counted else " counted"
+        text = (f"FLOPs{counted} {_human(self.dense_flops)} -> {_human(self.compact_flops)} "
                 f"({100 * self.flops_reduction:.1f} % fewer), params "
                 f"{_human(self.dense_params)} -> {_human(self.compact_params)} "
                 f"({100 * self.params_reduction:.1f} % fewer)")
+        return text + (f"\nNote: {self.uncounted_note()}" if self.uncounted else "")
 
     def format_table(self) -> str:
         """A fixed-width text table with one row per layer and the totals, then a summary."""
@@ -108,20 +134,41 @@ def _human(n: int) -> str:
 
 def count_flops(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     """FLOPs per module name (``""`` is the whole model) of one eval-mode forward pass."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
+    return _count(model, example_inputs)[0]
+
+
+def _count(model: nn.Module, example_inputs: Any) -> tuple[dict[str, int], set[str]]:
+    """FLOPs per module name, and the names of the modules that ran."""
+    ran: set[str] = set()
+    handles = [m.register_forward_pre_hook(lambda *_, n=name: ran.add(n))
+               for name, m in model.named_modules()]
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
             run_forward(model, example_inputs)
     finally:
-        for module, mode in modes.items():
-            module.training = mode
+        for handle in handles:
+            handle.remove()
     root = type(model).__name__
     flops = {"": counter.get_total_flops()}
     for key, per_op in counter.get_flop_counts().items():
         if key.startswith(root + "."):
             flops[key[len(root) + 1:]] = sum(per_op.values())
-    return flops
+    return flops, ran
+
+
+def uncounted_modules(model: nn.Module, flops: dict[str, int], ran: set[str]) -> dict[str, int]:
+    """``{name: parameters}`` of the modules that ran, hold a weight matrix of their own and
+    were counted 0 FLOPs: ``torch.utils.flop_counter`` has no formula for their ops (CPU
+    LSTM/GRU kernels, fused attention fast paths). Embeddings are lookups, not FLOPs."""
+    out = {}
+    for name, module in model.named_modules():
+        if name not in ran or flops.get(name, 0) or isinstance(module, (nn.Embedding,
+                                                                        nn.EmbeddingBag)):
+            continue
+        own = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
+        if own and not any(name.startswith(u + ".") for u in out):
+            out[name] = sum(p.numel() for p in module.parameters())
+    return out
 
 
 def _params(module: nn.Module) -> int:
@@ -142,12 +189,16 @@ def compression_report(
         >>> report = compression_report(dense, model, torch.randn(1, 3, 32, 32))
         >>> print(report); report.flops_reduction
     """
-    dense_flops = count_flops(dense_model, example_inputs)
-    compact_flops = count_flops(compact_model, example_inputs)
+    dense_flops, ran = _count(dense_model, example_inputs)
+    compact_flops, compact_ran = _count(compact_model, example_inputs)
+    uncounted = uncounted_modules(dense_model, dense_flops, ran)
+    uncounted.update({k: v for k, v in uncounted_modules(compact_model, compact_flops,
+                                                         compact_ran).items()
+                      if k not in uncounted})
     compact_modules = dict(compact_model.named_modules())
     layers = []
     for name, module in dense_model.named_modules():
-        if not isinstance(module, (*CONV_TYPES, nn.Linear)) or name not in compact_modules:
+        if not _is_layer(module) or name not in compact_modules:
             continue
         compact = compact_modules[name]
         layers.append(LayerCost(
@@ -157,7 +208,15 @@ def compression_report(
             full_rank=full_rank_of(module),
             rank=compact.rank if isinstance(compact, FactorizedLayer) else None,
         ))
-    return CompressionReport(
+    report = CompressionReport(
         dense_flops=dense_flops[""], compact_flops=compact_flops[""],
         dense_params=_params(dense_model), compact_params=_params(compact_model), layers=layers,
+        uncounted=uncounted,
     )
+    if uncounted:
+        warnings.warn(f"compression_report: {report.uncounted_note()}", UserWarning, stacklevel=2)
+    return report
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, (*CONV_TYPES, nn.Linear)) or is_hf_conv1d(module)

@@ -12,17 +12,16 @@ import torch
 from torch import nn
 
 from lrpet_lightning.core.config import LowRankConfig
-from lrpet_lightning.core.factorized import FACTORIZED_TYPES, FactorizedLayer
+from lrpet_lightning.core.factorized import FactorizedLayer, factorized_type
 from lrpet_lightning.core.linalg import (
     ZERO_LAYER_TOL,
     ProjectionResult,
     bn_scale,
-    matrix_to_weight,
     numerical_rank,
     project_matrix,
-    weight_to_matrix,
 )
-from lrpet_lightning.core.walk import TargetLayer, select_layers, trace_bn_pairs
+from lrpet_lightning.core.plan import plan_layers
+from lrpet_lightning.core.walk import TargetLayer, layer_matrix
 
 __all__ = [
     "LayerRecord",
@@ -35,7 +34,7 @@ __all__ = [
     "recompose_",
 ]
 
-log = logging.getLogger("lrpet_lightning")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,22 +105,38 @@ def _project_with_fallbacks(
     raise RuntimeError(f"SVD failed after {len(attempts)} attempts: {error}")
 
 
+def _is_zero(M: torch.Tensor) -> bool:
+    """The reference code's all-zero test, on the raw weight (never the BN-rectified one: a
+    BatchNorm with gamma = 0 would hide a non-zero weight): largest singular value below
+    ``ZERO_LAYER_TOL``. ``||M||_2 <= ||M||_F``, so the Frobenius norm decides most cases."""
+    norm = float(torch.linalg.matrix_norm(M))
+    if norm < ZERO_LAYER_TOL:
+        return True
+    return norm < ZERO_LAYER_TOL * min(M.shape) ** 0.5 and float(
+        torch.linalg.matrix_norm(M.double(), ord=2)) < ZERO_LAYER_TOL
+
+
 @torch.no_grad()
 def project_layers_(layers: Sequence[TargetLayer], config: LowRankConfig) -> list[LayerRecord]:
     """Project every layer of ``layers`` in place (the workhorse of ``project_low_rank_``).
 
-    Each weight is written into its existing Parameter (``copy_``), in the parameter's
-    dtype, so optimizers, DDP buckets and ``torch.compile`` keep seeing it. A layer that
-    cannot be projected (NaN/Inf, all-zero, SVD failure) is left unchanged, reported in
-    its record, and — for faults — warned about; the others go on.
+    Transactional: every layer's new weight is computed first and all are written at the
+    end, so an interruption (Ctrl-C, a crash) leaves the model as it was, never half
+    projected. Each weight is written into its existing Parameter (``copy_``), in the
+    parameter's dtype, so optimizers, DDP buckets and ``torch.compile`` keep seeing it. A
+    layer that cannot be projected (NaN/Inf, all-zero, SVD failure) is left unchanged,
+    reported in its record, and — for faults — warned about; the others go on. A layer
+    whose BatchNorm scales every channel to ~0 (gamma = 0, e.g. a zero-initialized last BN
+    of a residual block) is projected without BN rectification.
     """
     records = []
+    writes: list[tuple[torch.Tensor, torch.Tensor]] = []
     for layer in layers:
         weight = layer.module.weight
         # float32 maths (float64 for float64 weights); "gram" forms and solves its Gram
         # matrix in float64 itself, the one step that needs it.
         compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        M = weight_to_matrix(weight.detach()).to(compute)
+        M = layer.matrix().to(compute)
         scale = _rectification_scale(layer) if config.bn_rectification else None
         record = dict(name=layer.name, rank=layer.rank, full_rank=layer.full_rank,
                       bn_rectified=scale is not None)
@@ -136,21 +151,28 @@ def project_layers_(layers: Sequence[TargetLayer], config: LowRankConfig) -> lis
             records.append(LayerRecord(**record, kept_energy=float("nan"),
                                        relative_change=0.0, skipped="non-finite values"))
             continue
+        if _is_zero(M):
+            records.append(LayerRecord(**record, kept_energy=1.0, relative_change=0.0,
+                                       skipped="all-zero layer"))
+            continue
         try:
             result = _project_with_fallbacks(M, layer.rank, scale, config)
+            if scale is not None and result.top_singular_value < ZERO_LAYER_TOL:
+                # The BatchNorm zeroes every channel (gamma = 0): its view of the weight
+                # says nothing, so project the weight itself.
+                record["bn_rectified"] = False
+                result = _project_with_fallbacks(M, layer.rank, None, config)
         except RuntimeError as err:
             warnings.warn(f"LRPET: projection of {layer.name} failed and is skipped: {err}",
                           RuntimeWarning, stacklevel=2)
             records.append(LayerRecord(**record, kept_energy=float("nan"),
                                        relative_change=0.0, skipped=f"SVD failed: {err}"))
             continue
-        if result.top_singular_value < ZERO_LAYER_TOL:
-            records.append(LayerRecord(**record, kept_energy=1.0, relative_change=0.0,
-                                       skipped="all-zero layer"))
-            continue
-        weight.copy_(matrix_to_weight(result.matrix, weight.shape).to(weight))
+        writes.append((weight, layer.weight_from_matrix(result.matrix).to(weight)))
         records.append(LayerRecord(**record, kept_energy=result.kept_energy,
                                    relative_change=result.relative_change))
+    for weight, new in writes:  # all at once: never a half-projected model
+        weight.copy_(new)
     return records
 
 
@@ -218,47 +240,33 @@ def project_low_rank_(
         min_rank=min_rank, svd_method=svd_method, target_flops_reduction=target_flops_reduction,
         target_params_reduction=target_params_reduction, allocation=allocation,
     )
-    if config.budget is not None:
-        from lrpet_lightning.core.budget import budget_selection
-
-        layers = select_layers(model, budget_selection(config))
-    else:
-        layers = select_layers(model, config)
-    if bn_rectification:
-        if example_inputs is None:
-            warnings.warn(
-                "project_low_rank_: bn_rectification=True but example_inputs is None, so the "
-                "BatchNorm after each conv cannot be traced; BN rectification is skipped. "
-                "Pass example_inputs (one input batch) or bn_rectification=False.",
-                UserWarning, stacklevel=2,
-            )
-        else:
-            attach_bn_pairs(layers, trace_bn_pairs(model, layers, example_inputs))
-    if config.budget is not None:
-        from lrpet_lightning.core.budget import solve_ranks_for_layers
-
-        solution = solve_ranks_for_layers(model, layers, config, example_inputs)
-        for layer in layers:
-            layer.rank = solution.ranks[layer.name]
-    return project_layers_(layers, config)
+    if bn_rectification and example_inputs is None:
+        warnings.warn(
+            "project_low_rank_: bn_rectification=True but example_inputs is None, so the "
+            "BatchNorm after each conv cannot be traced; BN rectification is skipped. "
+            "Pass example_inputs (one input batch) or bn_rectification=False.",
+            UserWarning, stacklevel=2,
+        )
+    plan = plan_layers(model, config, example_inputs)
+    plan.warn("project_low_rank_")
+    return project_layers_(plan.layers, config)
 
 
 # ------------------------------------------------------------------------ decomposition
-def _factorized_type(module: nn.Module) -> type[FactorizedLayer]:
-    for dense_type, factorized in FACTORIZED_TYPES.items():
-        if isinstance(module, dense_type):
-            return factorized
-    raise TypeError(f"no factorized form for {type(module).__name__}")
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Register ``module`` as ``model``'s submodule ``name`` (a dotted path)."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _saves_parameters(module: nn.Module, rank: int) -> bool:
-    rows, cols = weight_to_matrix(module.weight).shape
+def _saves_parameters(layer: TargetLayer, rank: int) -> bool:
+    rows, cols = layer.matrix().shape
     return rank * (rows + cols) < rows * cols
+
+
+#: ``decompose_`` warns about a layer whose truncation changes its weight by more than this
+#: (relative Frobenius norm): it was not (close to) rank r, so the model's outputs change.
+TRUNCATION_RTOL = 1e-3
 
 
 @torch.no_grad()
@@ -280,11 +288,19 @@ def decompose_(
     """Replace each targeted layer by its two thin layers, in place (ALGORITHM.md §6).
 
     With ``rank_ratio``/``ranks`` the layers are truncated at those ranks (exact after an
-    LRPET projection at the same ranks with ``residual_scale=0``). With neither, each
-    layer's rank is read off its weight: the number of singular values above
-    ``rank_rtol * s_max`` (default ``max(rows, cols) * eps`` of the weight's dtype,
-    at most ``1e-2``). A layer whose factorization would not save parameters
-    (``r * (rows + cols) >= rows * cols``) stays dense and is reported in an info line.
+    LRPET projection at the same ranks with ``residual_scale=0``; a layer whose truncation
+    changes its weight by more than ``TRUNCATION_RTOL`` is named in a warning). With
+    neither, each layer's rank is read off its weight: the number of singular values above
+    ``rank_rtol * s_max`` (default ``max(rows, cols) * eps`` of the weight's dtype, at most
+    ``1e-2``). A layer whose factorization would not save parameters
+    (``r * (rows + cols) >= rows * cols``) stays dense.
+
+    Transactional: every targeted layer is checked and factorized first, then all are
+    swapped in; a layer with NaN/Inf weights stays dense. With ``example_inputs`` one
+    forward pass also finds the layers whose ``.weight`` their parent reads directly, which
+    stay dense (a thin pair would be rebuilt into the dense matrix on every read). A module
+    registered under several names is replaced under all of them by one factorized module.
+    Everything left dense is named, with its reason, in one warning.
 
     With a budget instead — ``target_flops_reduction`` (needs ``example_inputs``) or
     ``target_params_reduction``, a fraction in (0, 1) — the ranks are solved so that the
@@ -297,9 +313,13 @@ def decompose_(
         ``{module_name: rank}`` of the layers that were decomposed.
 
     Example:
-        >>> ranks = decompose_(model, rank_ratio=0.25)
-        >>> decompose_(fresh_model, ranks=ranks)  # rebuild the same thin architecture
-        >>> decompose_(model, target_flops_reduction=0.5, example_inputs=x)
+        >>> model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 1))
+        >>> ranks = decompose_(model, rank_ratio=0.25)  # the weights are not rank 4: warns
+        >>> ranks
+        {'0': 4, '2': 8}
+        >>> fresh = nn.Sequential(nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 1))
+        >>> decompose_(fresh, ranks=ranks) == ranks  # rebuild the same thin architecture
+        True
     """
     budget = target_flops_reduction is not None or target_params_reduction is not None
     infer = rank_ratio is None and not ranks and not budget
@@ -311,34 +331,63 @@ def decompose_(
     )
     if rank_rtol is not None and not (isinstance(rank_rtol, float) and 0.0 < rank_rtol < 1.0):
         raise ValueError(f"rank_rtol must be a float in (0, 1), got {rank_rtol!r}")
-    if config.budget is not None:
-        from lrpet_lightning.core.budget import budget_selection, solve_ranks_for_layers
-
-        layers = select_layers(model, budget_selection(config))
-        if config.allocation == "spectrum" and example_inputs is not None:
-            attach_bn_pairs(layers, trace_bn_pairs(model, layers, example_inputs))
-        solution = solve_ranks_for_layers(model, layers, config, example_inputs)
-        for layer in layers:
-            layer.rank = solution.ranks[layer.name]
-    else:
-        layers = select_layers(model, config)
-    decomposed: dict[str, int] = {}
-    kept_dense: list[str] = []
-    for layer in layers:
-        module, rank = layer.module, layer.rank
-        if infer:
-            M = weight_to_matrix(module.weight.detach()).double()
-            rtol = rank_rtol or min(max(M.shape) * torch.finfo(module.weight.dtype).eps, 1e-2)
-            rank = numerical_rank(M, rtol)
-        if not _saves_parameters(module, rank):
-            kept_dense.append(f"{layer.name} (rank {rank} of {layer.full_rank})")
+    plan = plan_layers(model, config, example_inputs)
+    if infer and any(layer.module.weight.is_meta for layer in plan.layers):
+        raise ValueError(
+            f"decompose_ without rank_ratio, ranks or a budget reads each layer's rank off its "
+            f"weights, but {type(model).__name__} has weights on the meta device (no values); "
+            "pass rank_ratio= or ranks=, or materialize the weights first"
+        )
+    replacements: list[tuple[TargetLayer, FactorizedLayer]] = []
+    changed: list[str] = []
+    for layer in plan.layers:
+        M = layer.matrix()
+        real = not M.is_meta
+        if real and not _all_finite(M):
+            plan.skipped[layer.name] = "NaN/Inf weights: kept dense"
             continue
-        _set_submodule(model, layer.name, _factorized_type(module).from_dense(module, rank))
-        decomposed[layer.name] = rank
-    if kept_dense:
-        log.info("decompose_ keeps %d layer(s) dense (no parameter saving): %s",
-                 len(kept_dense), ", ".join(kept_dense))
-    return decomposed
+        rank = layer.rank
+        if infer:
+            rtol = rank_rtol or min(max(M.shape) * torch.finfo(M.dtype).eps, 1e-2)
+            rank = numerical_rank(M.double(), rtol)
+        if not _saves_parameters(layer, rank):
+            plan.notes[layer.name] = (f"rank {rank} of {layer.full_rank}: factorizing would "
+                                      "not save parameters; kept dense")
+            continue
+        try:
+            thin = factorized_type(layer.module).from_dense(layer.module, rank)
+        except (torch.linalg.LinAlgError, RuntimeError) as err:
+            plan.skipped[layer.name] = f"factorization failed ({err}): kept dense"
+            continue
+        if real:
+            error = _relative_error(layer, thin, M)
+            if not error <= TRUNCATION_RTOL:
+                changed.append(f"{layer.name} (rank {rank}: weight changed by "
+                               f"{100 * error:.2g} %)")
+        replacements.append((layer, thin))
+    for layer, thin in replacements:  # all at once: never a half-decomposed model
+        for name in layer.aliases or (layer.name,):
+            set_submodule(model, name, thin)
+    plan.warn("decompose_")
+    if changed:
+        warnings.warn(
+            f"decompose_: {len(changed)} layer(s) were not rank r, so truncating them changes "
+            f"the model's outputs (project with the same ranks first, e.g. train with "
+            f"LowRankProjectionCallback): {', '.join(changed[:6])}"
+            + (f" and {len(changed) - 6} more" if len(changed) > 6 else ""),
+            UserWarning, stacklevel=2)
+    if not replacements:
+        warnings.warn(f"decompose_: no layer of {type(model).__name__} was decomposed",
+                      UserWarning, stacklevel=2)
+    return {layer.name: thin.rank for layer, thin in replacements}
+
+
+def _relative_error(layer: TargetLayer, thin: FactorizedLayer, M: torch.Tensor) -> float:
+    """``||M - second @ first||_F / ||M||_F`` of a freshly factorized layer."""
+    product = layer_matrix(thin, thin.dense_weight())
+    norm = float(torch.linalg.matrix_norm(M.double()))
+    diff = float(torch.linalg.matrix_norm(M.double() - product.double()))
+    return diff / norm if norm > 0 else 0.0
 
 
 _FIRST = ".first.weight"
@@ -358,23 +407,33 @@ def match_architecture_(
         >>> match_architecture_(dense_model, torch.load(path, weights_only=True))
         >>> dense_model.load_state_dict(...)  # now decomposed where the file is
     """
-    modules = dict(model.named_modules())
-    ranks = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    ranks: dict[str, int] = {}
+    seen: set[int] = set()
     for key, value in state_dict.items():
         if not (key.startswith(prefix) and key.endswith(_FIRST)):
             continue
         name = key[len(prefix):-len(_FIRST)]
         module = modules.get(name)
-        if module is not None and not isinstance(module, FactorizedLayer) and any(
-            isinstance(module, t) for t in FACTORIZED_TYPES
-        ):
-            ranks[name] = int(value.shape[0])
-    for name, rank in ranks.items():
-        module = model.get_submodule(name)
-        _set_submodule(model, name, _factorized_type(module).from_dense(module, rank))
+        if module is None or isinstance(module, FactorizedLayer) or id(module) in seen:
+            continue
+        try:
+            factorized = factorized_type(module)
+        except TypeError:
+            continue
+        seen.add(id(module))
+        ranks[name] = int(value.shape[0])
+        _replace_everywhere(model, module, factorized.from_dense(module, ranks[name]))
     if ranks:
         log.info("match_architecture_: decomposed %d layer(s) to match a checkpoint", len(ranks))
     return ranks
+
+
+def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is registered in ``model`` (a shared module)."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old]
+    for name in names:
+        set_submodule(model, name, new)
 
 
 def decomposed_ranks(model: nn.Module) -> dict[str, int]:
@@ -390,5 +449,6 @@ def recompose_(model: nn.Module) -> list[str]:
     """
     names = [n for n, m in model.named_modules() if isinstance(m, FactorizedLayer)]
     for name in names:
-        _set_submodule(model, name, model.get_submodule(name).to_dense())
+        layer = model.get_submodule(name)
+        _replace_everywhere(model, layer, layer.to_dense())
     return names

@@ -1,21 +1,20 @@
-"""Model walking: which layers LRPET targets, their ranks, and which BatchNorm follows each.
+"""Model walking: which layers LRPET targets, their ranks, and why the others are left alone.
 
-Conv -> BN pairs come from the model's data flow (the BatchNorm whose input *is* the
-conv's output in a forward pass), never from module order: real models register modules
-in an order unrelated to how they are called (torchvision's ResNet registers ``bn1`` right
-after ``conv1`` but a downsample conv's BN lives elsewhere, DenseNet puts BN *before* conv).
+A layer is targeted only when projecting its ``.weight`` provably changes what its forward
+computes: a plain Conv1d/2d/3d (``groups == 1``), ``nn.Linear`` or Hugging Face's
+``Conv1D`` (a Linear with a transposed weight) whose forward is the base class's own, whose
+weight is a plain parameter (no parametrization, no weight-norm hook) owned by this module
+alone, and whose parent does not read the weight directly. Everything else that holds a
+weight matrix is named, with its reason, in :attr:`Selection.skipped` — which the public
+verbs turn into one warning the user sees.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import logging
-import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -24,17 +23,48 @@ from lrpet_lightning.core.linalg import rank_from_ratio
 
 __all__ = [
     "CONV_TYPES",
-    "BNPairTracer",
+    "Selection",
     "TargetLayer",
     "full_rank_of",
-    "run_forward",
+    "is_hf_conv1d",
+    "layer_matrix",
+    "select",
     "select_layers",
-    "trace_bn_pairs",
 ]
 
-log = logging.getLogger("lrpet_lightning")
-
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+# Parents whose own (functional or fused) forward reads these children's weights directly,
+# so a factorized child would be rebuilt into a dense matrix on every read.
+_READING_PARENTS: tuple[type[nn.Module], ...] = (
+    nn.MultiheadAttention,  # out_proj.weight in F.multi_head_attention_forward
+    nn.TransformerEncoderLayer,  # linear1/linear2.weight in its fused inference path
+    nn.TransformerDecoderLayer,
+)
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face ``transformers.pytorch_utils.Conv1D``: ``x @ W + b`` with ``W`` of shape
+    ``(in, out)`` — a Linear with a transposed weight (all of GPT-2's compute). Recognised
+    by its class and attributes, so core does not import transformers."""
+    cls = type(module)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+            and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), Tensor))
+
+
+def layer_matrix(module: nn.Module, weight: Tensor | None = None) -> Tensor:
+    """The weight matrix LRPET works on: one row per output channel, ``(N, C*prod(kernel))``
+    for a conv, ``(out, in)`` for a Linear and for a Hugging Face ``Conv1D`` (whose stored
+    weight is ``(in, out)``). A view of ``weight`` (default ``module.weight``)."""
+    w = module.weight if weight is None else weight
+    if is_hf_conv1d(module):
+        return w.mT
+    return w.reshape(w.shape[0], -1)
+
+
+def full_rank_of(module: nn.Module) -> int:
+    w = module.weight
+    return min(w.shape[0], w[0].numel())
 
 
 @dataclass
@@ -47,70 +77,150 @@ class TargetLayer:
     full_rank: int
     bn: _BatchNorm | None = None
     bn_name: str | None = None
+    #: Every name the module is registered under (a module shared by two parents).
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the stored weight is the transpose of :meth:`matrix` (HF ``Conv1D``)."""
+        return is_hf_conv1d(self.module)
+
+    def matrix(self) -> Tensor:
+        """The layer's weight matrix (detached view), one row per output channel."""
+        return layer_matrix(self.module, self.module.weight.detach())
+
+    def weight_from_matrix(self, matrix: Tensor) -> Tensor:
+        """Inverse of :meth:`matrix`: a tensor of the stored weight's shape."""
+        shape = self.module.weight.shape
+        return matrix.mT.reshape(shape) if self.transposed else matrix.reshape(shape)
 
 
-def full_rank_of(module: nn.Module) -> int:
-    w = module.weight
-    return min(w.shape[0], w[0].numel())
+@dataclass
+class Selection:
+    """What :func:`select` found: the targeted layers and every weight matrix left alone."""
+
+    layers: list[TargetLayer]
+    #: ``{module name: why it is not projected}`` (not the layers a pattern or
+    #: ``include_linear=False`` left out by choice: those are the caller's decision).
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _skip_reason(name: str, module: nn.Module, parent: nn.Module | None) -> str | None:
-    """Why an otherwise eligible Conv/Linear cannot be projected, or None."""
-    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-        return "uninitialized lazy module (run one forward pass first)"
-    if isinstance(module, CONV_TYPES) and module.groups != 1:
-        return f"grouped conv (groups={module.groups})"
-    if isinstance(parent, nn.MultiheadAttention):
-        # MultiheadAttention reads out_proj.weight directly in its functional forward.
-        return "inside nn.MultiheadAttention (its parent reads .weight directly)"
+def _base_type(module: nn.Module) -> type[nn.Module] | None:
+    for base in (*CONV_TYPES, nn.Linear):
+        if isinstance(module, base):
+            return base
     return None
 
 
 def _eligible_type(module: nn.Module, include_linear: bool) -> bool:
     if isinstance(module, CONV_TYPES):
         return True
-    return include_linear and isinstance(module, nn.Linear)
+    return include_linear and (isinstance(module, nn.Linear) or is_hf_conv1d(module))
 
 
-def select_layers(model: nn.Module, config: LowRankConfig) -> list[TargetLayer]:
-    """The layers ``config`` targets in ``model``, with their ranks, in module order.
+def _skip_reason(module: nn.Module, parent: nn.Module | None) -> str | None:
+    """Why an otherwise eligible layer cannot be projected (a static reason), or None."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "uninitialized lazy module (run one forward pass first)"
+    if "weight" not in module._parameters or module._parameters["weight"] is None:
+        # torch.nn.utils.parametrizations (weight_norm, spectral_norm, orthogonal) and the
+        # legacy weight_norm/spectral_norm hooks compute .weight from other parameters:
+        # writing into it would change nothing the forward uses.
+        return "weight is computed by a parametrization or a weight-norm hook"
+    if isinstance(module, CONV_TYPES) and module.groups != 1:
+        return f"grouped conv (groups={module.groups})"
+    base = _base_type(module)
+    if base is not None and (
+        type(module).forward is not base.forward
+        or getattr(type(module), "_conv_forward", None) is not getattr(base, "_conv_forward", None)
+    ):
+        # e.g. timm's StdConv2d standardizes the weight in its forward.
+        return f"{type(module).__name__} has its own forward (it may not use .weight as is)"
+    if isinstance(parent, _READING_PARENTS):
+        return f"its parent {type(parent).__name__} reads .weight directly"
+    return None
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why a module that holds weight matrices of another kind is not projected."""
+    if isinstance(module, nn.RNNBase):
+        return f"recurrent layer ({type(module).__name__}): not supported"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return f"transposed conv ({type(module).__name__}): not supported"
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        return "nn.MultiheadAttention in_proj_weight (read by its functional forward)"
+    return None
+
+
+def _weight_owners(model: nn.Module) -> dict[int, set[int]]:
+    """``{id(parameter): {id(module) holding it}}`` over every registration."""
+    owners: dict[int, set[int]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(module))
+    return owners
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def select(model: nn.Module, config: LowRankConfig) -> Selection:
+    """The layers ``config`` targets in ``model`` with their ranks, in module order, and
+    the weight-holding modules left alone with their reasons.
+
+    Names are relative to ``model``; a module registered under several names is one layer,
+    named by its first name, with every name in ``aliases``.
 
     Raises:
         ValueError: a pattern of ``include``/``exclude``/``ranks`` matches no eligible layer,
-            a grouped conv is named explicitly in ``include``, or nothing is left to project.
+            a layer named exactly in ``include`` cannot be projected, or nothing is targeted.
     """
     from lrpet_lightning.core.factorized import FactorizedLayer  # avoid an import cycle
 
     parents: dict[str, nn.Module] = {}
+    aliases: dict[int, list[str]] = {}
     inside_factorized: set[str] = set()
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
         for child_name, _ in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
-            parents[full] = module
+            parents.setdefault(full, module)
             if isinstance(module, FactorizedLayer) or name in inside_factorized:
                 inside_factorized.add(full)
+    owners = _weight_owners(model)
+    total = max(_params(model), 1)
 
     eligible: list[tuple[str, nn.Module]] = []
-    skipped: list[str] = []
+    skipped: dict[str, str] = {}
     for name, module in model.named_modules():
-        if name in inside_factorized or not _eligible_type(module, config.include_linear):
+        if name in inside_factorized:
             continue
-        reason = _skip_reason(name, module, parents.get(name))
+        if not _eligible_type(module, config.include_linear):
+            reason = _unsupported_reason(module)
+            if reason is not None:
+                skipped[name] = f"{reason}; {100 * _params(module) / total:.1f} % of parameters"
+            continue
+        reason = _skip_reason(module, parents.get(name))
+        if reason is None:
+            tied = owners.get(id(module.weight), set()) - {id(module)}
+            if tied:
+                others = [aliases[i][0] for i in tied if i in aliases]
+                reason = f"weight tied to {', '.join(sorted(others))}"
         if reason is None:
             eligible.append((name, module))
             continue
         if config.include and any(name == p for p in config.include):
             raise ValueError(
-                f"include names {name!r}, which cannot be projected: {reason}. "
-                "Only Conv1d/2d/3d with groups=1 and nn.Linear layers are supported"
+                f"include names {name!r}, which cannot be projected: {reason}. Only plain "
+                "Conv1d/2d/3d with groups=1, nn.Linear and HF Conv1D layers are supported"
             )
-        skipped.append(f"{name} ({reason})")
-    if skipped:
-        log.info("LRPET skips %d layer(s): %s", len(skipped), ", ".join(skipped))
+        skipped[name] = reason
 
     names = [n for n, _ in eligible]
     for arg in ("include", "exclude"):
@@ -143,13 +253,21 @@ def select_layers(model: nn.Module, config: LowRankConfig) -> list[TargetLayer]:
             rank = rank_from_ratio(n, spec, config.min_rank)
         else:
             rank = min(max(spec, config.min_rank), n)
-        layers.append(TargetLayer(name, module, rank, n))
+        layers.append(TargetLayer(name, module, rank, n, aliases=tuple(aliases[id(module)])))
     if not layers:
+        why = f"; left alone: {_preview([f'{n} ({r})' for n, r in skipped.items()], 4)}" \
+            if skipped else ""
         raise ValueError(
-            f"no layer of {type(model).__name__} is targeted: LRPET projects Conv1d/2d/3d with "
-            "groups=1 (and nn.Linear with include_linear=True); check include/exclude"
+            f"no layer of {type(model).__name__} is targeted: LRPET projects plain Conv1d/2d/3d "
+            "with groups=1 (and nn.Linear / HF Conv1D with include_linear=True); check "
+            f"include/exclude{why}"
         )
-    return layers
+    return Selection(layers, skipped)
+
+
+def select_layers(model: nn.Module, config: LowRankConfig) -> list[TargetLayer]:
+    """The targeted layers of :func:`select` (the skipped ones are dropped)."""
+    return select(model, config).layers
 
 
 def _rank_spec(name: str, ranks: Mapping[str, float | int], default: float | None):
@@ -164,128 +282,3 @@ def _rank_spec(name: str, ranks: Mapping[str, float | int], default: float | Non
 def _preview(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") or "(none)"
-
-
-# ------------------------------------------------------------------------ BN pairing
-class BNPairTracer:
-    """Context manager that records, during whatever forward passes run inside it, which
-    BatchNorm consumes each target layer's output tensor directly.
-
-    Output tensors are kept referenced while tracing, so Python cannot reuse their ``id``
-    for another tensor (a freed tensor's id is often handed to the next one).
-
-    Example:
-        >>> with BNPairTracer(model, layers) as tracer:
-        ...     model(x)
-        >>> tracer.pairs()  # {"conv1": ("bn1", bn1_module), ...}
-    """
-
-    def __init__(self, model: nn.Module, layers: Iterable[TargetLayer]) -> None:
-        self._model = model
-        self._layer_names = {id(layer.module): layer.name for layer in layers}
-        self._outputs: dict[int, tuple[Tensor, str, int | None]] = {}
-        self._found: dict[str, set[str]] = {}
-        self._bns: dict[str, _BatchNorm] = {}
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> BNPairTracer:
-        for name, module in self._model.named_modules():
-            if id(module) in self._layer_names:
-                self._handles.append(module.register_forward_hook(self._on_layer_output))
-            elif isinstance(module, _BatchNorm):
-                self._bns[name] = module
-                self._handles.append(
-                    module.register_forward_pre_hook(self._make_bn_hook(name))
-                )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._outputs.clear()  # release the activations
-
-    def _on_layer_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, Tensor):
-            self._outputs[id(output)] = (output, self._layer_names[id(module)], _version(output))
-
-    def _make_bn_hook(self, bn_name: str):
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not args or not isinstance(args[0], Tensor):
-                return
-            entry = self._outputs.get(id(args[0]))
-            # An in-place op between layer and BN (conv -> ReLU(inplace=True) -> BN) hands
-            # the BN the same tensor object, modified: its version counter tells them apart.
-            if entry is not None and entry[0] is args[0] and entry[2] == _version(args[0]):
-                self._found.setdefault(entry[1], set()).add(bn_name)
-
-        return hook
-
-    def pairs(self) -> dict[str, tuple[str, _BatchNorm]]:
-        """``{layer_name: (bn_name, bn_module)}`` for each layer feeding exactly one BN."""
-        out = {}
-        for layer, bns in self._found.items():
-            if len(bns) == 1:
-                (bn_name,) = bns
-                out[layer] = (bn_name, self._bns[bn_name])
-            else:
-                warnings.warn(
-                    f"LRPET: {layer} feeds several BatchNorms ({sorted(bns)}); "
-                    "BN rectification is skipped for it",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return out
-
-
-def _version(tensor: Tensor) -> int | None:
-    """The tensor's in-place version counter; None for inference-mode tensors (no counter)."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
-
-
-def run_forward(model: nn.Module, example_inputs: Any) -> Any:
-    """``model(example_inputs)`` for a tensor, ``model(*args)`` for a tuple/list,
-    ``model(**kwargs)`` for a dict; a failure is re-raised naming ``example_inputs``."""
-    try:
-        if isinstance(example_inputs, Mapping):
-            return model(**example_inputs)
-        if isinstance(example_inputs, (tuple, list)):
-            return model(*example_inputs)
-        return model(example_inputs)
-    except Exception as err:  # noqa: BLE001 - re-raised with the argument named
-        raise ValueError(
-            f"example_inputs {_describe(example_inputs)} do not run through "
-            f"{type(model).__name__}: {type(err).__name__}: {err}"
-        ) from err
-
-
-def _describe(inputs: Any) -> str:
-    if isinstance(inputs, Tensor):
-        return f"of shape {tuple(inputs.shape)}"
-    if isinstance(inputs, (tuple, list)):
-        return "(" + ", ".join(_describe(x) for x in inputs) + ")"
-    if isinstance(inputs, Mapping):
-        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in inputs.items()) + "}"
-    return repr(inputs)
-
-
-def trace_bn_pairs(
-    model: nn.Module, layers: Iterable[TargetLayer], example_inputs: Any
-) -> dict[str, tuple[str, _BatchNorm]]:
-    """Find each layer's following BatchNorm with one eval-mode, no-grad forward pass.
-
-    Eval mode keeps the BN running statistics untouched; each module's ``training``
-    flag is restored afterwards.
-    """
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad(), BNPairTracer(model, layers) as tracer:
-            run_forward(model, example_inputs)
-        return tracer.pairs()
-    finally:
-        for module, mode in modes.items():
-            module.training = mode

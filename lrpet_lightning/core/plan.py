@@ -1,0 +1,117 @@
+"""The one planner every verb and the callback use: select the layers, trace them, solve
+the ranks, and collect why each weight matrix left alone was left alone.
+
+``select -> trace (BN pairs, reads of .weight outside the layer) -> ranks -> skip reasons``
+is written here once, so ``project_low_rank_``, ``decompose_``, ``solve_ranks`` and
+``LowRankProjectionCallback`` follow the same rules, and every name is relative to the
+module the caller handed in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lrpet_lightning.core.config import LowRankConfig
+from lrpet_lightning.core.trace import Trace, trace_layers
+from lrpet_lightning.core.walk import Selection, TargetLayer, select
+
+__all__ = ["LayerPlan", "apply_trace", "plan_layers", "skip_message"]
+
+#: Why a layer whose ``.weight`` its parent reads is left dense.
+READ_OUTSIDE = "its .weight is read outside its own forward (by its parent's code)"
+
+
+@dataclass
+class LayerPlan:
+    """The targeted layers (ranks set, BatchNorms attached) and the ones left alone."""
+
+    layers: list[TargetLayer]
+    #: ``{module name: reason}`` of every weight matrix that is not projected.
+    skipped: dict[str, str] = field(default_factory=dict)
+    #: Notes that do not skip a layer (e.g. BN rectification off for it), by layer.
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {layer.name: layer.rank for layer in self.layers}
+
+    def warn(self, verb: str, stacklevel: int = 3) -> None:
+        """One warning naming every layer left alone and why (nothing when none is)."""
+        message = skip_message(verb, self.skipped, self.notes)
+        if message:
+            warnings.warn(message, UserWarning, stacklevel=stacklevel)
+
+
+def skip_message(verb: str, skipped: Mapping[str, str], notes: Mapping[str, str] = {}) -> str:
+    """The text of :meth:`LayerPlan.warn` ('' when there is nothing to say)."""
+    parts = []
+    if skipped:
+        parts.append(f"{verb} leaves {len(skipped)} layer(s) with a weight matrix as they are:\n"
+                     + "\n".join(f"  {name}: {reason}" for name, reason in skipped.items()))
+    if notes:
+        parts.append(f"{verb} notes:\n"
+                     + "\n".join(f"  {name}: {note}" for name, note in notes.items()))
+    return "\n".join(parts)
+
+
+def apply_trace(plan: LayerPlan, trace: Trace, bn_rectification: bool) -> None:
+    """Drop the layers whose weight is read outside their forward; attach BatchNorms."""
+    kept = []
+    for layer in plan.layers:
+        if layer.name in trace.read_outside:
+            plan.skipped[layer.name] = READ_OUTSIDE
+            continue
+        kept.append(layer)
+        if bn_rectification:
+            layer.bn_name, layer.bn = trace.pairs.get(layer.name, (None, None))
+            if layer.name in trace.ambiguous:
+                plan.notes[layer.name] = (f"feeds several BatchNorms {trace.ambiguous[layer.name]}:"
+                                          " no BN rectification")
+    plan.layers = kept
+
+
+def plan_layers(
+    model: nn.Module, config: LowRankConfig, example_inputs: Any = None, *,
+    solve_budget: bool = True,
+) -> LayerPlan:
+    """Plan one verb on ``model``.
+
+    - the layers ``config`` selects (for a budget: every targeted layer at full rank);
+    - with ``example_inputs``: one eval-mode forward pass finds each conv's BatchNorm (when
+      ``config.bn_rectification``) and the layers whose ``.weight`` is read outside their
+      own forward (left dense, named in ``skipped``);
+    - a budget's ranks, solved on the current weights (``solve_budget``).
+
+    Raises:
+        ValueError: a bad pattern, nothing targeted, or a budget that cannot be met.
+    """
+    selection: Selection = select(model, _selection_config(config))
+    plan = LayerPlan(selection.layers, dict(selection.skipped))
+    if example_inputs is not None:
+        apply_trace(plan, trace_layers(model, plan.layers, example_inputs),
+                    config.bn_rectification)
+    if config.budget is not None and solve_budget and plan.layers:
+        from lrpet_lightning.core.budget import solve_ranks_for_layers
+
+        solution = solve_ranks_for_layers(model, plan.layers, config, example_inputs)
+        for layer in plan.layers:
+            layer.rank = solution.ranks[layer.name]
+    compressed = [layer for layer in plan.layers if layer.rank < layer.full_rank]
+    if plan.layers and not compressed and config.budget is None:
+        plan.notes["(all)"] = (f"every targeted layer keeps its full rank (min_rank="
+                               f"{config.min_rank}, rank_ratio={config.rank_ratio}): "
+                               "nothing is compressed")
+    return plan
+
+
+def _selection_config(config: LowRankConfig) -> LowRankConfig:
+    if config.budget is None:
+        return config
+    from lrpet_lightning.core.budget import budget_selection
+
+    return budget_selection(config)
