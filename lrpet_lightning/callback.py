@@ -269,8 +269,17 @@ class LowRankProjectionCallback(Callback):
         # dense "best" checkpoint loaded into the decomposed module leaves it decomposed).
         # Rebuild before loading: decompose_(model, ranks=...); model.load_state_dict(...).
         state = checkpoint.get("callbacks", {}).get(self.state_key)
+        decomposed = decomposed_ranks(pl_module)
         if state is not None:
-            state["decomposed_ranks"] = decomposed_ranks(pl_module)
+            state["decomposed_ranks"] = decomposed
+        if decomposed and checkpoint.get("optimizer_states"):
+            # Saved after decompose_on_fit_end (ModelCheckpoint's on_train_end runs after
+            # ours): the optimizers still hold the dense parameters, which the module no
+            # longer has. Their state would not load into the thin model's optimizers.
+            live = {id(p) for p in pl_module.parameters()}
+            if any(id(p) not in live for opt in trainer.optimizers
+                   for group in opt.param_groups for p in group["params"]):
+                checkpoint["optimizer_states"] = []
 
     # ------------------------------------------------------------------------ schedule
     def should_project(self, step: int, epoch: int) -> bool:

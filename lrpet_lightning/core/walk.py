@@ -167,7 +167,8 @@ def _weight_owners(model: nn.Module) -> dict[int, set[int]]:
 
 
 def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return sum(p.numel() for p in module.parameters()
+               if not isinstance(p, nn.parameter.UninitializedParameter))
 
 
 def select(model: nn.Module, config: LowRankConfig) -> Selection:

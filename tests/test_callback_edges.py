@@ -1,0 +1,172 @@
+"""Callback edge cases: overlapping callbacks, several optimizer steps per batch, a failed
+layer at the last scheduled projection, a relaunch of a decomposed model, and layers whose
+weight the parent reads or that do not run in the first step."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lrpet_lightning import FactorizedConv, decomposed_ranks
+from lrpet_lightning.callback import LowRankProjectionCallback
+from lrpet_lightning.core import transforms
+
+
+class Net(nn.Module):
+    def __init__(self, branch: bool = False) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.late, self.late_bn = nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+        self.branch, self.calls = branch, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.conv2(x))
+        if not self.branch or self.calls > 1:  # a branch first taken in the second step
+            x = self.late_bn(self.late(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class Tiny(L.LightningModule):
+    def __init__(self, two_optimizers: bool = False, branch: bool = False) -> None:
+        super().__init__()
+        self.net = Net(branch)
+        self.two_optimizers = two_optimizers
+        if two_optimizers:
+            self.automatic_optimization = False
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randn(24, 3, 8, 8, generator=g),
+                                  torch.randint(0, 4, (24,), generator=g))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        if self.two_optimizers:  # two optimizer steps per batch: global_step += 2
+            for opt in self.optimizers():
+                opt.zero_grad()
+            self.manual_backward(loss)
+            for opt in self.optimizers():
+                opt.step()
+        return loss
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self) -> Any:
+        if not self.two_optimizers:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+        head = list(self.net.fc.parameters())
+        body = [p for p in self.parameters() if all(p is not h for h in head)]
+        return [torch.optim.SGD(body, lr=0.05), torch.optim.SGD(head, lr=0.05)]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=4)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8)
+
+
+def trainer(callbacks: list, **kwargs: Any) -> L.Trainer:
+    kwargs = {"max_epochs": 1, "logger": False, "enable_checkpointing": False,
+              "num_sanity_val_steps": 0, **kwargs}
+    return L.Trainer(accelerator="cpu", devices=1, callbacks=callbacks,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def test_two_callbacks_on_the_same_layers_are_refused_before_training() -> None:
+    a = LowRankProjectionCallback(rank_ratio=0.25, report=False)
+    b = LowRankProjectionCallback(rank_ratio=0.5, report=False)
+    model = Tiny()
+    with pytest.raises(MisconfigurationException, match="target the same layers"):
+        trainer([a, b]).fit(model)
+    assert model.net.calls == 0
+
+
+def test_step_schedule_fires_when_several_steps_cross_a_multiple() -> None:
+    fired = []
+
+    class Counting(LowRankProjectionCallback):
+        def _project(self, trainer, pl_module, config=None, final=False):
+            fired.append((trainer.global_step, final))
+            super()._project(trainer, pl_module, config=config, final=final)
+
+    cb = Counting(rank_ratio=0.25, every_n_train_steps=3, report=False)
+    trainer([cb]).fit(Tiny(two_optimizers=True))  # 6 batches: global_step 2, 4, ..., 12
+    assert [s for s, final in fired if not final] == [4, 6, 10, 12]
+
+
+def test_a_failed_layer_at_the_last_scheduled_projection_does_not_skip_the_final_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = transforms._project_with_fallbacks, []
+
+    def flaky(M, rank, scale, config):
+        calls.append(1)
+        if len(calls) == 3:  # a transient failure of the epoch-end projection's last layer
+            raise RuntimeError("transient")
+        return real(M, rank, scale, config)
+
+    monkeypatch.setattr(transforms, "_project_with_fallbacks", flaky)
+    model = Tiny()
+    cb = LowRankProjectionCallback(rank_ratio=0.25, report=False)
+    with pytest.warns(RuntimeWarning, match="failed and is skipped"):
+        trainer([cb]).fit(model)
+    assert cb.num_projections == 2  # the scheduled one and the final one
+    w = model.net.late.weight.detach().flatten(1)
+    assert int(torch.linalg.matrix_rank(w, rtol=1e-5)) == 4
+
+
+def test_relaunch_of_a_decomposed_run_neither_crashes_nor_projects(tmp_path) -> None:
+    model = Tiny()
+    cb = LowRankProjectionCallback(rank_ratio=0.25, decompose_on_fit_end=True, report=False)
+    first = trainer([cb])
+    first.fit(model)
+    assert isinstance(model.net.conv2, FactorizedConv)
+    path = tmp_path / "after.ckpt"
+    first.save_checkpoint(path)  # as ModelCheckpoint's on_train_end does after the callback
+
+    again = LowRankProjectionCallback(rank_ratio=0.25, decompose_on_fit_end=True, report=False)
+    fresh = Tiny()
+    trainer([again]).fit(fresh, ckpt_path=path)  # the same command: a finished run
+    assert decomposed_ranks(fresh.net) == decomposed_ranks(model.net)
+    assert again.num_projections == 1  # restored, none added
+    trainer([again]).test(fresh, verbose=False)
+
+
+class ReadsConv(nn.Module):
+    """Reads conv2's weight in a functional call, as Swin reads qkv.weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.conv2d(x, self.conv2.weight, self.conv2.bias, padding=1)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_layers_read_by_their_parent_and_late_branches_are_named() -> None:
+    model = Tiny(branch=True)
+    model.net = ReadsConv()
+    cb = LowRankProjectionCallback(rank_ratio=0.25, decompose_on_fit_end=True, report=False)
+    with pytest.warns(UserWarning, match="net.conv2: its .weight is read outside its own forward"):
+        trainer([cb]).fit(model)
+    assert set(cb.state_dict()["ranks"]) == {"net.conv1"}
+    assert type(model.net.conv2) is nn.Conv2d and isinstance(model.net.conv1, FactorizedConv)
+
+    late = Tiny(branch=True)
+    cb = LowRankProjectionCallback(rank_ratio=0.25, report=False)
+    with pytest.warns(UserWarning, match="net.late: did not run in the first training step"):
+        trainer([cb]).fit(late)

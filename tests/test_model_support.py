@@ -1,0 +1,349 @@
+"""Model support, one failure class per test: every layer is projected and really rank r as
+the forward sees its weight, or named with its reason in the one warning a verb gives."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrpet_lightning import (
+    FactorizedConv,
+    FactorizedLinear,
+    compression_report,
+    decompose_,
+    prepare_for_inference,
+    project_low_rank_,
+)
+from lrpet_lightning.core import transforms
+
+
+def _rank(w: torch.Tensor) -> int:
+    return int(torch.linalg.matrix_rank(w.detach().double().flatten(1), rtol=1e-6))
+
+
+def _warned(fn, *args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args, **kwargs)
+    return out, "\n".join(str(w.message) for w in caught)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ------------------------------------------------------------------ reparametrized weights
+class StdConv(nn.Conv2d):
+    """A weight-standardized conv (as timm's StdConv2d): its forward rescales .weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (
+            self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class PlainSubclass(nn.Conv3d):
+    """A subclass with the base forward (as torchvision's Conv3DSimple)."""
+
+    @staticmethod
+    def get_downsample_stride(stride: int) -> tuple[int, int, int]:
+        return (stride, stride, stride)
+
+
+def test_conv_with_its_own_forward_is_named_and_left_alone() -> None:
+    model = nn.Sequential(StdConv(8, 16, 3), nn.Conv2d(16, 16, 3))
+    before = model[0].weight.detach().clone()
+    records, text = _warned(project_low_rank_, model, rank_ratio=0.25, bn_rectification=False)
+    assert [r.name for r in records] == ["1"]
+    assert "0: StdConv has its own forward" in text
+    assert torch.equal(model[0].weight, before)
+
+
+def test_plain_subclass_decomposes_into_plain_convs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(PlainSubclass(4, 8, 3))
+    x = torch.randn(1, 4, 5, 6, 6)
+    project_low_rank_(model, rank_ratio=0.5, bn_rectification=False)
+    y = model(x)
+    decompose_(model, rank_ratio=0.5)
+    assert isinstance(model[0], FactorizedConv)
+    assert type(model[0].first) is nn.Conv3d and type(model[0].second) is nn.Conv3d
+    assert _rel(model(x), y) < 1e-5
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda m: nn.utils.parametrizations.weight_norm(m),
+    lambda m: nn.utils.parametrizations.spectral_norm(m),
+    lambda m: nn.utils.weight_norm(m),  # the legacy hook
+])
+def test_parametrized_weight_is_named_not_reported_as_projected(wrap) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # legacy weight_norm is deprecated
+        model = nn.Sequential(wrap(nn.Conv2d(8, 16, 3)), nn.Conv2d(16, 16, 3))
+    records, text = _warned(project_low_rank_, model, rank_ratio=0.25, bn_rectification=False)
+    assert [r.name for r in records] == ["1"]
+    assert "0: weight is computed by a parametrization or a weight-norm hook" in text
+    ranks, _ = _warned(decompose_, model, rank_ratio=0.25)
+    assert list(ranks) == ["1"]  # the parametrized layer is never truncated
+
+
+# ------------------------------------------------------------------ shared and tied weights
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Conv2d(8, 8, 3, padding=1)
+        self.again = self.block  # one module under two names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.again(torch.relu(self.block(x)))
+
+
+def test_shared_module_stays_shared_after_decomposition() -> None:
+    torch.manual_seed(0)
+    model, x = Shared(), torch.randn(2, 8, 6, 6)
+    project_low_rank_(model, rank_ratio=0.25, bn_rectification=False)
+    y, params = model(x), sum(p.numel() for p in model.parameters())
+    assert decompose_(model, rank_ratio=0.25) == {"block": 2}
+    assert model.block is model.again and isinstance(model.block, FactorizedConv)
+    assert sum(p.numel() for p in model.parameters()) < params
+    assert _rel(model(x), y) < 1e-5
+
+
+class TiedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.embed.weight  # tied, as GPT-2's lm_head
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(self.embed(ids))))
+
+
+def test_tied_head_is_named_and_its_embedding_untouched() -> None:
+    model = TiedHead()
+    embedding = model.embed.weight.detach().clone()
+    records, text = _warned(project_low_rank_, model, rank_ratio=0.25, include_linear=True)
+    assert [r.name for r in records] == ["mid"] and "head: weight tied to embed" in text
+    assert torch.equal(model.embed.weight, embedding)
+    params = sum(p.numel() for p in model.parameters())
+    _warned(decompose_, model, rank_ratio=0.25, include_linear=True)
+    assert model.head.weight is model.embed.weight
+    assert sum(p.numel() for p in model.parameters()) <= params
+
+
+# -------------------------------------------------------------- weights read by the parent
+class ReadsWeight(nn.Module):
+    """Reads its child's weight in a functional call, as Swin or BEiT do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = F.linear(x, self.qkv.weight, self.qkv.bias)[..., :16]
+        return self.proj(q)
+
+
+def test_weight_read_by_the_parent_is_detected_and_kept_dense() -> None:
+    torch.manual_seed(0)
+    model, x = ReadsWeight(), torch.randn(3, 16)
+    records, text = _warned(project_low_rank_, model, rank_ratio=0.25, include_linear=True,
+                            example_inputs=x)
+    assert [r.name for r in records] == ["proj"]
+    assert "qkv: its .weight is read outside its own forward" in text
+    y = model(x)
+    ranks, _ = _warned(decompose_, model, rank_ratio=0.25, include_linear=True, example_inputs=x)
+    assert ranks == {"proj": 4} and type(model.qkv) is nn.Linear
+    assert _rel(model(x), y) < 1e-5
+
+
+def test_reading_a_factorized_weight_warns() -> None:
+    layer = FactorizedLinear.from_dense(nn.Linear(16, 16), 4)
+    with pytest.warns(RuntimeWarning, match="rebuilt from the thin pair"):
+        assert layer.weight.shape == (16, 16)
+
+
+# ---------------------------------------------------------------------- Hugging Face Conv1D
+def test_hf_conv1d_is_projected_and_decomposed_like_a_linear() -> None:
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    model = nn.Sequential(pytorch_utils.Conv1D(24, 16), nn.ReLU(), pytorch_utils.Conv1D(8, 24))
+    x = torch.randn(3, 5, 16)
+    records = project_low_rank_(model, rank_ratio=0.5, include_linear=True)
+    assert [(r.name, r.rank, r.skipped) for r in records] == [("0", 8, None), ("2", 4, None)]
+    assert _rank(model[0].weight) == 8 and _rank(model[2].weight) == 4
+    y = model(x)
+    assert decompose_(model, rank_ratio=0.5, include_linear=True) == {"0": 8, "2": 4}
+    assert isinstance(model[0], FactorizedLinear) and model[0].in_features == 16
+    assert _rel(model(x), y) < 1e-5
+
+
+# ------------------------------------------------------------------------- zero-gamma BN
+def test_zero_gamma_batchnorm_falls_back_to_the_plain_projection() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16))
+    nn.init.zeros_(model[1].weight)  # timm's zero-init of a block's last BN
+    (record,) = project_low_rank_(model, rank_ratio=0.25, example_inputs=torch.randn(2, 8, 6, 6))
+    assert record.skipped is None and not record.bn_rectified
+    assert _rank(model[0].weight) == 4
+
+
+# ----------------------------------------------------------------- decompose_ is careful
+def test_decompose_keeps_a_nan_layer_dense_and_decomposes_the_others() -> None:
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    ranks, text = _warned(decompose_, model, rank_ratio=0.25)
+    assert ranks == {"1": 4} and type(model[0]) is nn.Conv2d
+    assert "0: NaN/Inf weights: kept dense" in text
+
+
+def test_decompose_is_transactional(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    real = FactorizedConv.from_dense.__func__
+    calls = []
+
+    def interrupted(cls, conv, rank):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cls, conv, rank)
+
+    monkeypatch.setattr(FactorizedConv, "from_dense", classmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        decompose_(model, rank_ratio=0.25)
+    assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.Conv2d
+
+
+def test_projection_is_transactional(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    real, calls = transforms._project_with_fallbacks, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transforms, "_project_with_fallbacks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        project_low_rank_(model, rank_ratio=0.25, bn_rectification=False)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_decompose_warns_when_truncating_a_full_rank_layer_and_when_nothing_is_done() -> None:
+    model = nn.Sequential(nn.Conv2d(8, 16, 3))
+    with pytest.warns(UserWarning, match=r"were not rank r.*0 \(rank 4: weight changed by"):
+        decompose_(model, rank_ratio=0.25)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1))
+    with pytest.warns(UserWarning, match="no layer of Sequential was decomposed"):
+        assert decompose_(model, rank_ratio=0.9) == {}
+
+
+def test_min_rank_above_every_rank_is_said() -> None:
+    model = nn.Sequential(nn.Conv2d(8, 16, 3))
+    with pytest.warns(UserWarning, match="every targeted layer keeps its full rank"):
+        project_low_rank_(model, rank_ratio=0.25, min_rank=100, bn_rectification=False)
+
+
+def test_meta_model_rank_inference_says_what_is_wrong() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(8, 16, 3))
+    with pytest.raises(ValueError, match="meta device"):
+        decompose_(model)
+
+
+def test_uninitialized_lazy_module_is_named() -> None:
+    model = nn.Sequential(nn.LazyConv2d(16, 3), nn.Conv2d(16, 16, 3))
+    records, text = _warned(project_low_rank_, model, rank_ratio=0.25, bn_rectification=False)
+    assert [r.name for r in records] == ["1"] and "0: uninitialized lazy module" in text
+
+
+def test_unsupported_weight_matrices_are_named_with_their_share() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.ConvTranspose2d(8, 8, 2)
+            self.rnn = nn.LSTM(8, 8)
+            self.conv = nn.Conv2d(8, 16, 3)
+
+    _, text = _warned(project_low_rank_, Mixed(), rank_ratio=0.25, bn_rectification=False)
+    assert "up: transposed conv (ConvTranspose2d): not supported" in text
+    assert "rnn: recurrent layer (LSTM): not supported" in text and "% of parameters" in text
+
+
+# ------------------------------------------------------------------------ thin layers
+def test_thin_layers_keep_conv_attributes_and_frozen_flags() -> None:
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    conv.weight.requires_grad_(False)
+    thin = FactorizedConv.from_dense(conv, 4)
+    assert (thin.in_channels, thin.out_channels, thin.kernel_size, thin.stride, thin.padding) \
+        == (8, 16, (3, 3), (2, 2), (1, 1))
+    assert not thin.first.weight.requires_grad and not thin.second.weight.requires_grad
+    assert thin.second.bias.requires_grad
+    dense = thin.to_dense()
+    assert not dense.weight.requires_grad and dense.bias.requires_grad
+
+
+# ------------------------------------------------------------------------ inference
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm subclass that also applies an activation (timm's BatchNormAct2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def test_prepare_for_inference_leaves_batchnorm_subclasses_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct(8), nn.Conv2d(8, 8, 3),
+                          nn.BatchNorm2d(8)).eval()
+    model[1].running_mean.normal_()
+    x = torch.randn(2, 3, 10, 10)
+    prepared = prepare_for_inference(model, x, channels_last=False, latency_aware=False)
+    assert isinstance(prepared[1], BatchNormAct) and isinstance(prepared[3], nn.Identity)
+    assert _rel(prepared(x), model(x)) < 1e-5
+
+
+def test_prepare_for_inference_returns_the_model_unprepared_if_outputs_change(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrpet_lightning.core import inference
+
+    def breaks(model, inputs):
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data.mul_(2)
+        return []
+
+    monkeypatch.setattr(inference, "fold_batchnorms_", breaks)
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3)).eval(), torch.randn(1, 3, 8, 8)
+    with pytest.warns(RuntimeWarning, match="computes something else"):
+        prepared = prepare_for_inference(model, x, channels_last=False, latency_aware=False)
+    assert torch.equal(prepared(x), model(x))
+
+
+# ------------------------------------------------------------------------ the report
+def test_report_names_what_it_cannot_count() -> None:
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(8, 16, 3)
+            self.rnn = nn.LSTM(16, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(self.conv(x).permute(2, 0, 1))[0]
+
+    dense, x = Recurrent(), torch.randn(1, 8, 12)
+    compact = copy.deepcopy(dense)
+    _warned(decompose_, compact, rank_ratio=0.25)
+    with pytest.warns(UserWarning, match=r"1 module\(s\) holding .* could not be counted .*: rnn"):
+        report = compression_report(dense, compact, x)
+    assert not report.flops_fully_counted and set(report.uncounted) == {"rnn"}
+    assert "FLOPs counted" in report.summary() and not report.to_dict()["flops_fully_counted"]
