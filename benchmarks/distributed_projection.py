@@ -37,7 +37,8 @@ from lrpet_lightning.core import distributed
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.distributed import assign_owners, project_layers_distributed_, svd_cost
 from lrpet_lightning.core.transforms import attach_bn_pairs
-from lrpet_lightning.core.walk import TargetLayer, select_layers, trace_bn_pairs
+from lrpet_lightning.core.trace import trace_bn_pairs
+from lrpet_lightning.core.walk import TargetLayer, select_layers
 
 
 def _free_port() -> int:

@@ -168,7 +168,8 @@ from lrpet_lightning.core import distributed
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.distributed import project_layers_distributed_, svd_cost
 from lrpet_lightning.core.transforms import attach_bn_pairs, project_layers_
-from lrpet_lightning.core.walk import select_layers, trace_bn_pairs
+from lrpet_lightning.core.trace import trace_bn_pairs
+from lrpet_lightning.core.walk import select_layers
 
 rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 torch.set_num_threads(1)
