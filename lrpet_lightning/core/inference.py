@@ -88,7 +88,14 @@ def prepare_for_inference(
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
 
-    reference = copy.deepcopy(model).eval()
+    try:
+        reference = copy.deepcopy(model).eval()
+    except RuntimeError as err:  # e.g. the legacy torch.nn.utils.weight_norm hook
+        raise ValueError(
+            f"prepare_for_inference works on a copy, but this {type(model).__name__} cannot be "
+            f"deep-copied ({err}); remove legacy weight-norm hooks first "
+            "(torch.nn.utils.remove_weight_norm) or use torch.nn.utils.parametrizations"
+        ) from err
     prepared = copy.deepcopy(model).eval()
     with torch.no_grad():
         expected = run_forward(reference, example_inputs)

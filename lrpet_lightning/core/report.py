@@ -215,6 +215,9 @@ def compression_report(
     )
     if uncounted:
         warnings.warn(f"compression_report: {report.uncounted_note()}", UserWarning, stacklevel=2)
+    if report.compact_flops > report.dense_flops or report.compact_params > report.dense_params:
+        warnings.warn(f"compression_report: the compact model is bigger than the dense one "
+                      f"({report.summary()})", UserWarning, stacklevel=2)
     return report
 
 
