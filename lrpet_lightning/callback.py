@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from numbers import Integral
 from typing import Any
@@ -605,8 +606,18 @@ class LowRankProjectionCallback(Callback):
         # effects its forward has, after training.
         dense = copy.deepcopy(root)
         compact = copy.deepcopy(root)
-        decompose_(compact, ranks=ranks, include_linear=self.config.include_linear)
-        return compression_report(dense, compact, self._example_inputs)
+        with warnings.catch_warnings():  # the notes of decompose_ belong to the real one
+            warnings.simplefilter("ignore")
+            decompose_(compact, ranks=ranks, include_linear=self.config.include_linear)
+        report = compression_report(dense, compact, self._example_inputs)
+        if not prefix:
+            return report
+        # One name per layer: the rows carry the names the callback uses everywhere else
+        # (records, checkpointed ranks, the ranks/include/exclude patterns).
+        return dataclasses.replace(
+            report, layers=[dataclasses.replace(row, name=f"{prefix}.{row.name}")
+                            for row in report.layers],
+            uncounted={f"{prefix}.{n}" if n else prefix: p for n, p in report.uncounted.items()})
 
     def _write_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: on every rank

@@ -111,14 +111,8 @@ def _kept_energy(records: Sequence[Any] | None) -> dict[str, float]:
 
 
 def _match(name: str, values: Mapping[str, float]) -> float | None:
-    """The value of layer ``name``. The callback names layers from the LightningModule
-    ("model.layer1.0.conv1"), the report from the network it counts ("layer1.0.conv1"):
-    an exact name wins, else the shortest name ending in ``"." + name`` (so "conv1" is
-    "model.conv1", not "model.layer1.0.conv1")."""
-    if name in values:
-        return values[name]
-    matches = [n for n in values if n.endswith("." + name)]
-    return values[min(matches, key=len)] if matches else None
+    """The value of layer ``name``: the callback's records and report use the same names."""
+    return values.get(name)
 
 
 def _layer_rows(report: Any, records: Sequence[Any] | None,

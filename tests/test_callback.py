@@ -368,7 +368,7 @@ def test_metrics_and_report_are_logged(tmp_path: Path, log_per_layer: bool) -> N
     assert report["flops_reduction"] == pytest.approx(cb.compression.flops_reduction)
     assert 0.5 < report["flops_reduction"] < 1.0
     ranks = {row["name"]: row["rank"] for row in report["layers"]}
-    assert ranks == {"conv1": RANK, "conv2": RANK, "conv3": RANK, "fc": None}
+    assert ranks == {"net.conv1": RANK, "net.conv2": RANK, "net.conv3": RANK, "net.fc": None}
 
 
 def test_report_without_logger_goes_to_default_root_dir(tmp_path: Path) -> None:

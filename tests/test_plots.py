@@ -118,24 +118,26 @@ def test_plot_compression_writes_a_png_from_a_report_or_its_json(tmp_path: Path)
 
 
 def test_layer_rows_join_report_and_records_by_name() -> None:
+    # One name per layer: the callback's report rows and records carry the same names, so
+    # rows join exactly; a dense-kept layer never shows another layer's energy.
     report = {"layers": [
-        {"name": "conv1", "rank": 4, "full_rank": 16},
-        {"name": "layer1.0.conv1", "rank": 2, "full_rank": 8},
-        {"name": "head", "rank": None, "full_rank": 10}]}
-    # The callback's names carry the LightningModule's prefix; "layer1.0.conv1" comes first
-    # and also ends in ".conv1": the stem row must still get model.conv1's values.
+        {"name": "model.conv1", "rank": 4, "full_rank": 16},
+        {"name": "model.layer1.0.conv1", "rank": 2, "full_rank": 8},
+        {"name": "model.head", "rank": None, "full_rank": 10}]}
     records = [{"name": "model.layer1.0.conv1", "rank": 2, "full_rank": 8, "kept_energy": 0.5,
                 "skipped": None},
                {"name": "model.conv1", "rank": 4, "full_rank": 16, "kept_energy": 0.75,
+                "skipped": None},
+               {"name": "model.layer2.head", "rank": 2, "full_rank": 10, "kept_energy": 0.9,
                 "skipped": None}]
     first = [{**records[1], "kept_energy": 0.25}]
     rows = _layer_rows(report, records, first)
     assert rows == [
-        {"name": "conv1", "rank": 4, "full_rank": 16, "kept_energy": 0.75,
+        {"name": "model.conv1", "rank": 4, "full_rank": 16, "kept_energy": 0.75,
          "first_kept_energy": 0.25},
-        {"name": "layer1.0.conv1", "rank": 2, "full_rank": 8, "kept_energy": 0.5,
+        {"name": "model.layer1.0.conv1", "rank": 2, "full_rank": 8, "kept_energy": 0.5,
          "first_kept_energy": None},
-        {"name": "head", "rank": None, "full_rank": 10, "kept_energy": None,
+        {"name": "model.head", "rank": None, "full_rank": 10, "kept_energy": None,
          "first_kept_energy": None}]
 
 
