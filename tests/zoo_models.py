@@ -168,7 +168,12 @@ def _tv_vit() -> nn.Module:
 
 
 def _tv_r3d() -> nn.Module:
-    from torchvision.models.video.resnet import BasicBlock, BasicStem, Conv3DSimple, VideoResNet
+    from torchvision.models.video.resnet import (
+        BasicBlock,
+        BasicStem,
+        Conv3DSimple,
+        VideoResNet,
+    )
 
     return VideoResNet(BasicBlock, [Conv3DSimple] * 4, [1, 1, 1, 1], BasicStem, num_classes=10)
 
@@ -196,22 +201,31 @@ class _ConvBNNet(nn.Module):
 
 
 def _hw_weight_norm() -> nn.Module:
+    """conv1 and fc under ``parametrizations.weight_norm``; conv2 plain."""
     from torch.nn.utils.parametrizations import weight_norm
 
-    return _ConvBNNet(weight_norm)
+    net = _ConvBNNet()
+    net.conv1, net.fc = weight_norm(net.conv1), weight_norm(net.fc)
+    return net
 
 
 def _hw_spectral_norm() -> nn.Module:
+    """conv1 and fc under ``parametrizations.spectral_norm``; conv2 plain."""
     from torch.nn.utils.parametrizations import spectral_norm
 
-    return _ConvBNNet(spectral_norm)
+    net = _ConvBNNet()
+    net.conv1, net.fc = spectral_norm(net.conv1), spectral_norm(net.fc)
+    return net
 
 
 def _hw_legacy_weight_norm() -> nn.Module:
+    """The legacy hooks: conv1 under ``torch.nn.utils.weight_norm``, fc under
+    ``torch.nn.utils.spectral_norm``; conv2 plain."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecated, which is the point
-        net = _ConvBNNet(torch.nn.utils.weight_norm)
-        net.conv2 = torch.nn.utils.spectral_norm(nn.Conv2d(16, 24, 3, padding=1))
+        net = _ConvBNNet()
+        net.conv1 = torch.nn.utils.weight_norm(net.conv1)
+        net.fc = torch.nn.utils.spectral_norm(net.fc)
     return net
 
 

@@ -129,6 +129,12 @@ def project_layers_(layers: Sequence[TargetLayer], config: LowRankConfig) -> lis
     whose BatchNorm scales every channel to ~0 (gamma = 0, e.g. a zero-initialized last BN
     of a residual block) is projected without BN rectification.
     """
+    meta = [layer.name for layer in layers if layer.module.weight.is_meta]
+    if meta:
+        raise ValueError(
+            f"cannot project layers whose weights are on the meta device (no values): "
+            f"{', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}; materialize the model "
+            "first (e.g. model.to_empty(device='cpu') and initialize it)")
     records = []
     writes: list[tuple[torch.Tensor, torch.Tensor]] = []
     for layer in layers:
