@@ -49,7 +49,8 @@ def test_default_composition_is_digits_resnet20_with_lrpet() -> None:
     cfg = _compose("output_dir=/tmp/unused")
     assert cfg.data._target_.endswith("DigitsDataModule")
     assert cfg.model.arch == "resnet20"
-    assert set(cfg.callbacks) == {"model_checkpoint", "lr_monitor", "progress_bar", "lrpet"}
+    assert set(cfg.callbacks) == {"model_checkpoint", "resume_checkpoint", "lr_monitor",
+                                  "progress_bar", "lrpet"}
     assert cfg.callbacks.lrpet._target_ == "lrpet_lightning.LowRankProjectionCallback"
 
 
@@ -94,11 +95,18 @@ def test_digits_run_writes_results_and_a_compact_model_that_reloads(tmp_path: Pa
     assert (tmp_path / "compression_report.md").read_text().startswith("| layer")
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
-    # The reloaded compact model predicts exactly what the run tested.
+    # The reloaded compact model predicts exactly what the run tested, on the datamodule
+    # its metadata records (16x16 digits, not DigitsDataModule's 32x32 default).
     model = load_compact_model(results["compact_model"])
     import hydra
 
-    dm = hydra.utils.instantiate(cfg.data)
+    from lrpet_lightning.core.checkpoint import read_compact
+
+    meta = read_compact(results["compact_model"])["metadata"]
+    assert meta["input_spec"]["image_size"] == cfg.data.image_size == 16
+    assert meta["input_spec"]["in_channels"] == 1 and meta["input_spec"]["num_classes"] == 10
+    assert isinstance(meta["input_spec"]["mean"], float)
+    dm = hydra.utils.instantiate(meta["data"])
     dm.setup("test")
     correct = total = 0
     with torch.no_grad():
@@ -178,6 +186,11 @@ def test_optional_loggers_explain_a_missing_package(tmp_path: Path, logger: str,
         ("callbacks.lrpet.ranks={layer9.conv: 4}", "ranks pattern 'layer9.conv' matches no"),
         ("model.arch=resnet99", "available models"),
         ("data.batch_size=0", "batch_size"),
+        ("optim.lr=abc", "optim.lr must be a number, got 'abc'"),
+        ("optim.nesterov=maybe", "optim.nesterov must be true or false, got 'maybe'"),
+        ("optim.milestones=[a]", "optim.milestones must be a list of integer epochs"),
+        ("+optim.lrr=0.1", "optim.lrr is not an optimizer setting; allowed: optim.lr, "),
+        ("compact_model_name=1", "compact_model_name must be a plain file name ending in .pt"),
     ],
 )
 def test_bad_overrides_fail_before_training_with_a_clear_message(

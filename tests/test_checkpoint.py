@@ -83,3 +83,25 @@ def test_no_unsafe_torch_load_in_the_package() -> None:
     for path in package.rglob("*.py"):
         for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
             assert "weights_only=True" in call, f"{path}: {call}"
+
+
+def test_unreadable_files_are_named_with_what_is_wrong(tmp_path: Path) -> None:
+    from lrpet_lightning.app.train import load_compact_model
+
+    good = save_compact(_compact_resnet20(), tmp_path / "m.pt", arch="resnet20")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.pt' is empty \(0 bytes\)"):
+        load_compact_model(empty)
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cut\.pt' \(1000 bytes\) cannot be read: truncated"):
+        read_compact(truncated)
+    with pytest.raises(FileNotFoundError, match="nowhere.pt' does not exist"):
+        read_compact(tmp_path / "nowhere.pt")
+    bare = save_compact(_compact_resnet20(), tmp_path / "bare.pt")  # no metadata at all
+    with pytest.raises(ValueError, match=r"bare\.pt' has no arch, num_classes, in_channels, "
+                                         r"small_input in its metadata"):
+        load_compact_model(bare)
+    with pytest.raises(ValueError, match=r"m\.pt' has no num_classes"):
+        load_compact_model(good)  # arch alone is not enough to rebuild it

@@ -19,7 +19,8 @@ pytest.importorskip("hydra_plugins.hydra_optuna_sweeper",
 TINY = ["data=fake", "data.num_samples=16", "data.batch_size=8", "trainer.max_epochs=1",
         "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
         "+trainer.limit_test_batches=1", "+trainer.enable_progress_bar=false",
-        "~callbacks.progress_bar", "~callbacks.model_checkpoint"]
+        "~callbacks.progress_bar", "~callbacks.model_checkpoint",
+        "~callbacks.resume_checkpoint"]
 
 
 def test_optuna_searches_the_rank_ratio_on_the_returned_objective(

@@ -22,7 +22,8 @@ from lrpet_lightning.app.train import _task, config_dir, train
 TINY = ["data=fake", "data.num_samples=16", "data.batch_size=8", "trainer.max_epochs=1",
         "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
         "+trainer.limit_test_batches=1", "+trainer.enable_progress_bar=false",
-        "~callbacks.progress_bar", "~callbacks.model_checkpoint"]
+        "~callbacks.progress_bar", "~callbacks.model_checkpoint",
+        "~callbacks.resume_checkpoint"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -61,6 +62,10 @@ def test_multirun_over_rank_ratios_then_summarize(tmp_path: Path,
     assert results[0]["flops_reduction"] > results[1]["flops_reduction"] > 0.5
     for i in (0, 1):  # every run pictures its compression
         _assert_png(sweep / str(i) / "compression_report.png")
+        log_text = (sweep / str(i) / "train.log").read_text()  # Hydra's file: real lines
+        assert f"training resnet20 on FakeDataModule for 1 epoch(s); outputs in " \
+               f"{sweep / str(i)}" in log_text
+        assert f"results in {sweep / str(i) / 'results.json'}" in log_text
 
     main([str(sweep)])
     printed = capsys.readouterr().out
@@ -204,3 +209,35 @@ def test_lrpet_summarize_is_a_console_script() -> None:
     line = next(x for x in pyproject.splitlines() if x.startswith("lrpet-summarize = "))
     module, _, function = line.split(" = ")[1].strip('"').partition(":")
     assert getattr(__import__(module, fromlist=[function]), function) is summarize_module.main
+
+
+def test_non_finite_values_are_missing_and_named(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN FLOPs reduction is no point on the front; a NaN test accuracy does not drop the
+    best run; a compressed run with no measured reduction is not plotted as uncompressed."""
+    _fake_run(tmp_path / "0", ["seed=0"], lrpet=True, flops_reduction=0.5, val_acc=0.9,
+              test_acc=0.9)
+    _fake_run(tmp_path / "1", ["seed=1"], lrpet=True, flops_reduction=float("nan"),
+              val_acc=0.95, test_acc=0.95)
+    _fake_run(tmp_path / "2", ["seed=2"], lrpet=True, flops_reduction=0.6, val_acc=0.97,
+              test_acc=float("inf"))
+    _fake_run(tmp_path / "3", ["seed=3"], lrpet=True, flops_reduction=None, val_acc=0.99,
+              test_acc=0.99, status="already_finished")
+    drawn: dict[str, Any] = {}
+
+    def record(points: Any, path: Path, **kwargs: Any) -> Path:
+        drawn["points"] = points
+        Path(path).write_bytes(PNG_MAGIC)
+        return Path(path)
+
+    monkeypatch.setattr("lrpet_lightning.plots.plot_pareto", record)
+    table = summarize(tmp_path)
+    # test_acc is missing in run 2, so the front is on val_acc, where run 2 is the best.
+    assert "Pareto front on val top-1" in (tmp_path / "summary.md").read_text()
+    assert [(p["flops_reduction"], p["accuracy"], p["pareto"]) for p in drawn["points"]] == \
+        [(0.5, 0.9, False), (0.6, 0.97, True)]
+    assert "2 run(s) with NaN/inf values, read as missing: 1 (flops_reduction), " \
+           "2 (test_acc)" in table
+    assert "left off the plot and the Pareto front: 1, 3" in table
+    rows = {row["run"]: row for row in _read_csv(tmp_path / "summary.csv")}
+    assert rows["1"]["flops_reduction"] == "" and rows["2"]["test_acc"] == ""

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lrpet_lightning.app.sampling import EpochKeyed, EpochShuffle
+
 __all__ = ["CIFARDataModule", "DigitsDataModule", "FakeDataModule", "ImageNetDataModule"]
 
 # The usual per-channel mean and std of each training set.
@@ -53,6 +55,13 @@ class _ImageDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
 
     @property
+    def class_names(self) -> list[str] | None:
+        """The label names, index by index (None where the data do not name them, or before
+        ``setup`` for folder-based sets)."""
+        classes = getattr(self.test_set, "classes", None)
+        return list(classes) if classes is not None else None
+
+    @property
     def example_input_shape(self) -> tuple[int, int, int, int]:
         """Shape of one input batch of size 1: ``(1, C, H, W)``."""
         return (1, self.in_channels, self.image_size, self.image_size)
@@ -80,13 +89,20 @@ class _ImageDataModule(L.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
 
-def _random_shift(image: torch.Tensor, pad: int = 2) -> torch.Tensor:
+def _random_shift(image: torch.Tensor, pad: int = 2,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Shift a ``(C, H, W)`` image by up to ``pad`` pixels each way (pad, then random crop)."""
     h, w = image.shape[-2:]
     # Replicate rather than zero-pad: after normalization "0" is not the background value.
     padded = F.pad(image[None], [pad] * 4, mode="replicate")[0]
-    top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+    top, left = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
     return padded[:, top : top + h, left : left + w]
+
+
+def _shift_sample(sample: tuple[torch.Tensor, Any],
+                  generator: torch.Generator) -> tuple[torch.Tensor, Any]:
+    image, target = sample
+    return _random_shift(image, generator=generator), target
 
 
 class _Transformed(Dataset):
@@ -129,6 +145,10 @@ class DigitsDataModule(_ImageDataModule):
     """
 
     num_samples = 1797
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(digit) for digit in range(10)]
 
     def __init__(
         self,
@@ -205,6 +225,23 @@ class DigitsDataModule(_ImageDataModule):
             )
         self.val_set = TensorDataset(*tensors["val"])
         self.test_set = TensorDataset(*tensors["test"])
+        self._plain_train = TensorDataset(*tensors["train"])
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled and shifted from (seed, epoch, sample) alone, so a run resumed from an
+        epoch's checkpoint trains exactly what the uninterrupted run trained (Lightning
+        restores neither RNG states nor a plain loader's order). The seed is torch's
+        initial seed: the app's ``seed`` after ``seed_everything``."""
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a loader")
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        seed = torch.initial_seed()
+        augment = _shift_sample if self.augment else None
+        dataset = EpochKeyed(self._plain_train, seed, augment)
+        return DataLoader(dataset, batch_size=self.batch_size,
+                          sampler=EpochShuffle(dataset, seed, replicas, rank),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
 
 class CIFARDataModule(_ImageDataModule):

@@ -51,7 +51,7 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing in [0, 1).
 
     Raises:
-        ValueError: on an out-of-range argument or an unknown scheduler.
+        ValueError: on an out-of-range or wrong-type argument or an unknown scheduler.
 
     Example:
         >>> clf = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), num_classes=10)
@@ -77,6 +77,20 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
+                            ("gamma", gamma), ("label_smoothing", label_smoothing)):
+            # Checked first: a string from an override (lr=abc) would fail the range
+            # comparison below with a bare TypeError that names nothing.
+            _check_range(name, value, isinstance(value, (int, float))
+                         and not isinstance(value, bool), "a number")
+        _check_range("nesterov", nesterov, isinstance(nesterov, bool), "true or false")
+        _check_range("scheduler", scheduler, isinstance(scheduler, str), f"one of {SCHEDULERS}")
+        _check_range("milestones", milestones, not isinstance(milestones, (str, bytes))
+                     and all(isinstance(m, int) and not isinstance(m, bool)
+                             for m in milestones), "a list of integer epochs")
+        _check_range("max_epochs", max_epochs, max_epochs is None
+                     or (isinstance(max_epochs, int) and not isinstance(max_epochs, bool)),
+                     "None or an integer >= 1")
         _check_range("num_classes", num_classes,
                      isinstance(num_classes, int) and num_classes >= 2, "an integer >= 2")
         _check_range("lr", lr, lr > 0, "> 0")
@@ -100,6 +114,9 @@ class ImageClassifier(L.LightningModule):
                      f"after the warm-up (> warmup_epochs={warmup_epochs})")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
+        #: ``{"epoch", "step", "loss"}`` of the first non-finite training loss (``loss`` as a
+        #: string, "nan" or "inf"), else None.
+        self.diverged_at: dict[str, Any] | None = None
         top5 = min(5, num_classes)
 
         def acc(k: int) -> MulticlassAccuracy:
@@ -119,8 +136,23 @@ class ImageClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         return loss, logits, y
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         loss, logits, y = self._loss(batch)
+        finite = bool(torch.isfinite(loss))
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Every rank must skip together: one rank skipping its backward while the others
+            # run theirs would leave DDP's gradient all-reduce waiting forever.
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            # Diverged: skip this step (returning None skips backward and the optimizer
+            # step, so a NaN gradient never reaches the weights) and stop the fit; the app
+            # then records status "diverged" instead of training NaN weights to the end.
+            if self.diverged_at is None:
+                self.diverged_at = {"epoch": self.current_epoch, "step": self.global_step,
+                                    "loss": str(float(loss))}  # "nan": JSON has no NaN
+            self.trainer.should_stop = True
+            return None
         self.train_acc(logits, y)
         n = y.size(0)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)

@@ -48,6 +48,8 @@ class Run:
     results: dict[str, Any]
     #: False for a dense baseline: the run had no LRPET callback.
     lrpet: bool
+    #: results.json keys whose value was NaN or inf: read as missing (None) in ``results``.
+    non_finite: tuple[str, ...] = ()
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -97,9 +99,14 @@ def load_runs(multirun_dir: str | Path) -> list[Run]:
             raise ValueError(f"{path} holds a {type(results).__name__}, expected a JSON "
                              f"object (the results.json lrpet-train writes)")
         run_dir = path.parent
+        # NaN is no measurement: a NaN FLOPs reduction must not land on the Pareto front,
+        # nor a NaN accuracy make the whole sweep fall back to another metric.
+        non_finite = tuple(k for k, v in results.items()
+                           if isinstance(v, float) and not math.isfinite(v))
+        results = {k: (None if k in non_finite else v) for k, v in results.items()}
         runs.append(Run(name=str(run_dir.relative_to(root)), path=run_dir,
                         overrides=_read_overrides(run_dir), results=results,
-                        lrpet=_has_lrpet(run_dir, results)))
+                        lrpet=_has_lrpet(run_dir, results), non_finite=non_finite))
     if not runs:
         started = _unfinished(root)
         hint = (f"; {len(started)} run(s) started but wrote none (unfinished or failed: "
@@ -143,11 +150,9 @@ def _rows(runs: list[Run], metric: str) -> tuple[list[str], list[dict[str, Any]]
     swept = _swept_keys(runs)
     extra = ["objective"] if any("objective" in run.results for run in runs) else []
     columns = ["run", *swept, "lrpet", *_VALUE_COLUMNS, *extra, "pareto"]
-    compressed = [run for run in runs
-                  if run.lrpet and _is_number(run.results.get(metric))]
+    compressed = [run for run in runs if run.lrpet and _plottable(run, metric)]
     on_front = dict(zip((run.name for run in compressed), pareto_front(
-        [(run.results.get("flops_reduction") or 0.0, run.results[metric])
-         for run in compressed])))
+        [(run.results["flops_reduction"], run.results[metric]) for run in compressed])))
     rows = []
     for run in runs:
         row: dict[str, Any] = {"run": run.name, "lrpet": run.lrpet}
@@ -156,6 +161,27 @@ def _rows(runs: list[Run], metric: str) -> tuple[list[str], list[dict[str, Any]]
         row["pareto"] = on_front.get(run.name, False)
         rows.append(row)
     return columns, rows
+
+
+def _plottable(run: Run, metric: str) -> bool:
+    """A compressed run is a point only with both coordinates measured (a missing FLOPs
+    reduction is unknown, not 0)."""
+    return _is_number(run.results.get(metric)) and _is_number(run.results.get("flops_reduction"))
+
+
+def _notes(runs: list[Run], metric: str) -> str:
+    """The runs whose values were read as missing, and the compressed runs left unplotted."""
+    notes = []
+    bad = [f"{run.name} ({', '.join(run.non_finite)})" for run in runs if run.non_finite]
+    if bad:
+        notes.append(f"{len(bad)} run(s) with NaN/inf values, read as missing: "
+                     f"{', '.join(bad)}")
+    unplotted = [run.name for run in runs if run.lrpet and not _plottable(run, metric)]
+    if unplotted:
+        notes.append(f"{len(unplotted)} compressed run(s) without a finite {metric} and "
+                     f"flops_reduction, left off the plot and the Pareto front: "
+                     f"{', '.join(unplotted)}")
+    return "".join(f"\n{note}\n" for note in notes)
 
 
 def _is_number(value: Any) -> bool:
@@ -218,7 +244,7 @@ def summarize(multirun_dir: str | Path, *, metric: str | None = None) -> str:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    table = _markdown(columns, rows)
+    table = _markdown(columns, rows) + _notes(runs, metric)
     unfinished = _unfinished(root)
     if unfinished:  # failed or still running: say so rather than drop them silently
         table += (f"\n{len(unfinished)} run(s) without results.json (unfinished or failed), "
@@ -230,9 +256,9 @@ def summarize(multirun_dir: str | Path, *, metric: str | None = None) -> str:
     from lrpet_lightning.plots import plot_pareto  # matplotlib only when drawing
 
     swept = columns[1:columns.index("lrpet")]
-    points = [{"label": _label(row, swept), "flops_reduction": row["flops_reduction"] or 0.0,
+    points = [{"label": _label(row, swept), "flops_reduction": row["flops_reduction"],
                "accuracy": row[metric], "pareto": row["pareto"]}
-              for row, run in zip(rows, runs) if run.lrpet and _is_number(row[metric])]
+              for row, run in zip(rows, runs) if run.lrpet and _plottable(run, metric)]
     baselines = [{"label": f"run {row['run']}", "accuracy": row[metric]}
                  for row, run in zip(rows, runs) if not run.lrpet and _is_number(row[metric])]
     if not points and not baselines:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import logging
 import os
@@ -17,17 +19,39 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lrpet_lightning.app.compact import input_spec, load_compact_model
 from lrpet_lightning.app.module import ImageClassifier
+from lrpet_lightning.app.results import (
+    RunProbe,
+    count_compression,
+    finished_results,
+    finite_weights,
+    json_safe,
+    objective_config,
+    objective_value,
+    summary,
+)
+from lrpet_lightning.app.rundir import (
+    STATUSES,
+    check_compact_model_name,
+    check_writable,
+    claim_run_dir,
+    keep_metrics_history,
+    resumes_run_in,
+)
 from lrpet_lightning.callback import LowRankProjectionCallback
-from lrpet_lightning.core.checkpoint import atomic_write, read_compact, save_compact
-from lrpet_lightning.core.checkpoint import load_compact as _load_compact
+from lrpet_lightning.core.checkpoint import atomic_write, save_compact
 from lrpet_lightning.core.transforms import decompose_, decomposed_ranks
 from lrpet_lightning.models import build_model
-from lrpet_lightning.plots import default_spectra_layers, layer_spectra, plot_compression
+from lrpet_lightning.plots import (
+    default_spectra_layers,
+    layer_spectra,
+    plot_compression,
+)
 
-__all__ = ["config_dir", "load_compact_model", "main", "train"]
+__all__ = ["STATUSES", "config_dir", "load_compact_model", "main", "train"]
 
-log = logging.getLogger("lrpet_lightning")
+log = logging.getLogger(__name__)
 
 
 def config_dir() -> Path:
@@ -50,46 +74,6 @@ def _instantiate_logger(cfg: DictConfig) -> Any:
 
 def _find_lrpet(trainer: pl.Trainer) -> LowRankProjectionCallback | None:
     return next((c for c in trainer.callbacks if isinstance(c, LowRankProjectionCallback)), None)
-
-
-#: results.json keys ``objective.metric`` may name (higher is better for each).
-OBJECTIVE_METRICS = ("val_acc", "test_acc", "test_acc_top5", "flops_reduction",
-                     "params_reduction")
-
-
-def _objective_config(cfg: DictConfig) -> dict[str, Any] | None:
-    """The checked ``objective`` node, or None when no objective is asked for."""
-    node = cfg.get("objective")
-    if node is None or node.get("metric") is None:
-        return None
-    metric = node.metric
-    if metric not in OBJECTIVE_METRICS:
-        raise ValueError(f"objective.metric must be one of {', '.join(OBJECTIVE_METRICS)} "
-                         f"(or null), got {metric!r}")
-    if metric.startswith("test_") and not cfg.get("test", True):
-        raise ValueError(f"objective.metric={metric} needs the test split, but test=false; "
-                         f"use objective.metric=val_acc or test=true")
-    floor, penalty = node.get("min_flops_reduction", 0.0), node.get("flops_penalty", 0.0)
-    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
-        raise ValueError(f"objective.min_flops_reduction must be a number in [0, 1), "
-                         f"got {floor!r}")
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty >= 0:
-        raise ValueError(f"objective.flops_penalty must be a number >= 0, got {penalty!r}")
-    return {"metric": metric, "min_flops_reduction": float(floor),
-            "flops_penalty": float(penalty)}
-
-
-def _objective(results: dict[str, Any], metric: str, min_flops_reduction: float,
-               flops_penalty: float) -> float:
-    """``metric - flops_penalty * max(0, min_flops_reduction - flops_reduction)``: the number
-    a sweeper maximizes (a run short of the FLOPs budget pays for each point it misses)."""
-    value = results.get(metric)
-    if value is None:
-        log.warning("objective.metric %s was not measured in this run; the objective is NaN",
-                    metric)
-        return float("nan")
-    shortfall = max(0.0, min_flops_reduction - results["flops_reduction"])
-    return float(value) - flops_penalty * shortfall
 
 
 def _spectra_layer_names(cfg: DictConfig, net: torch.nn.Module) -> list[str]:
@@ -129,6 +113,18 @@ def _plot_run(path: Path, cfg: DictConfig, lrpet: LowRankProjectionCallback | No
         return None
 
 
+def _optim_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.optim`` as ImageClassifier arguments; unknown keys named before training."""
+    kwargs = OmegaConf.to_container(cfg.optim, resolve=True)
+    allowed = [n for n in inspect.signature(ImageClassifier).parameters
+               if n not in ("model", "num_classes", "max_epochs")]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"optim.{unknown[0]} is not an optimizer setting; allowed: "
+                         f"{', '.join('optim.' + n for n in allowed)}")
+    return kwargs
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, compress and test one model as ``cfg`` says; return and write ``results.json``.
 
@@ -136,39 +132,133 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``.md`` and ``.png``, the compact model (``cfg.compact_model_name``) and ``results.json``.
     With ``cfg.objective.metric`` set, ``results["objective"]`` is the number a sweeper
     maximizes (``lrpet-train`` returns it to Hydra).
+
+    ``results["status"]`` is ``"finished"``, ``"diverged"`` (a non-finite training loss
+    stopped the fit; the metrics are the last finite ones) or ``"already_finished"`` (a
+    relaunch of a finished run: its results.json is left as it was and returned).
+    ``results["errors"]`` lists the steps after training that failed (decomposition,
+    validation, test, reports, plot, compact model): they are logged and recorded, and
+    never lose the rest of the results. A value that was not measured is None, never 0.
+
+    Raises:
+        FileExistsError: ``cfg.output_dir`` holds another run (see ``claim_run_dir``).
+        OSError: ``cfg.output_dir`` is not writable (checked before training).
+        ValueError: a bad ``compact_model_name``, ``optim.*`` or ``objective.*`` setting.
     """
+    check_compact_model_name(cfg.compact_model_name)
     if cfg.trainer.get("strategy") == "ddp_spawn" and "LOCAL_RANK" not in os.environ:
+        check_writable(Path(cfg.output_dir))
+        claim_run_dir(cfg, Path(cfg.output_dir), delete=False)  # refuse before spawning
         return _train_spawned(cfg)
     t0 = time.perf_counter()
-    objective = _objective_config(cfg)
+    objective = objective_config(cfg)
+    optim = _optim_kwargs(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    rank0 = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    claim_run_dir(cfg, out, delete=rank0)
+    ckpt_path = cfg.get("ckpt_path")
+    resuming = resumes_run_in(out, ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
     net = build_model(cfg.model.arch, num_classes=datamodule.num_classes,
                       in_channels=datamodule.in_channels, small_input=cfg.model.small_input)
-    module = ImageClassifier(net, datamodule.num_classes, max_epochs=cfg.trainer.max_epochs,
-                             **OmegaConf.to_container(cfg.optim, resolve=True))
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
-                 if c is not None and "_target_" in c]
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=_instantiate_logger(cfg))
+    try:
+        module = ImageClassifier(net, datamodule.num_classes, max_epochs=cfg.trainer.max_epochs,
+                                 **optim)
+    except (TypeError, ValueError) as err:  # name the override: "optim.lr must be a number"
+        raise ValueError(f"optim.{err}") from err
+    probe = RunProbe()
+    # The probe first: its on_train_end marks the training as over before the others'
+    # fit-end work (the callback's decomposition) can fail.
+    callbacks = [probe] + [hydra.utils.instantiate(c)
+                           for c in (cfg.get("callbacks") or {}).values()
+                           if c is not None and "_target_" in c]
+    logger = _instantiate_logger(cfg)
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks,
+                                                  logger=logger)
+    # The CSV logger deletes metrics.csv when it starts: keep each earlier launch's copy.
+    kept_metrics = keep_metrics_history(logger, resuming) if rank0 else None
     spectra_before: dict[str, torch.Tensor] = {}
     if cfg.get("plot_compression", False):  # the paper's figure 1: spectra before and after
         spectra_before = layer_spectra(net, _spectra_layer_names(cfg, net))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    log.info("training %s on %s for %s epoch(s)%s; outputs in %s", cfg.model.arch,
+             type(datamodule).__name__, cfg.trainer.max_epochs,
+             f", resuming from {ckpt_path}" if ckpt_path else "", out)
+    errors: list[dict[str, str]] = []
+
+    def guard(step: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one step after training; a failure is logged and recorded, not raised, so a
+        finished training always ends with a results.json saying what happened."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - recorded in results["errors"]
+            log.error("%s failed after training: %s: %s", step, type(err).__name__, err)
+            errors.append({"step": step, "error": f"{type(err).__name__}: {err}"})
+            return None
+
+    status = "finished"
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Exception as err:
+        if module.diverged_at is None and not probe.trained:
+            raise  # failed before training ended: the checkpoints are there to resume from
+        # Training is over (diverged, or done and then the fit-end steps failed, e.g. the
+        # callback's decomposition): record what happened rather than lose the run.
+        log.error("fit failed after training: %s: %s", type(err).__name__, err)
+        errors.append({"step": "fit end", "error": f"{type(err).__name__}: {err}"})
+        status = "failed" if module.diverged_at is None else status
+    finished_before = finished_results(out)
+    if ckpt_path is not None and probe.batches == 0 and module.diverged_at is None:
+        status = "already_finished"  # Lightning restored a finished loop and trained nothing
+        if finished_before is not None:
+            if kept_metrics is not None:  # the CSV logger restarted metrics.csv: put it back
+                os.replace(kept_metrics[1], kept_metrics[0])
+            log.info("%s is a finished run (nothing left to train); its results.json is "
+                     "left as it was", ckpt_path)
+            return {**finished_before, "status": status}
+        log.warning("%s is at the end of training but %s holds no finished results.json: "
+                    "evaluating and saving the checkpoint's model again", ckpt_path, out)
+    if module.diverged_at is not None:
+        status = "diverged"
+        log.error("the training loss diverged (%s) at epoch %s, step %s; training stopped",
+                  module.diverged_at["loss"], module.diverged_at["epoch"],
+                  module.diverged_at["step"])
+    usable = finite_weights(net)
+    if not usable and status == "finished":  # e.g. an overflow in BatchNorm statistics
+        status = "diverged"
+        log.error("the weights hold NaN/inf after training: status diverged")
 
     lrpet = _find_lrpet(trainer)
-    if lrpet is not None and lrpet.state_dict()["ranks"] and not decomposed_ranks(net):
+    compression = lrpet.compression if lrpet is not None and usable else None
+    if status == "failed":
+        compression = None  # the fit-end steps failed: the report may not be this model's
+    dense_copy = None
+    if usable and lrpet is not None and lrpet.state_dict()["ranks"] and not decomposed_ranks(net):
         # The callback projected but did not decompose: the final weights are exactly low
         # rank, so splitting them at the callback's ranks preserves the model's function.
-        decompose_(module, ranks=lrpet.state_dict()["ranks"],
-                   include_linear=lrpet.config.include_linear)
-    val = trainer.validate(module, datamodule=datamodule, verbose=False)
-    test = trainer.test(module, datamodule=datamodule, verbose=False) if cfg.test else [{}]
+        dense_copy = copy.deepcopy(net) if compression is None else None
+        guard("decompose", decompose_, module, ranks=lrpet.state_dict()["ranks"],
+              include_linear=lrpet.config.include_linear)
+    if dense_copy is not None and decomposed_ranks(net) and status != "failed":
+        # No report from the callback (a relaunch after training, or report=false): count
+        # it here rather than write a FLOPs reduction nobody measured.
+        compression = guard("compression report", count_compression, dense_copy, net,
+                            datamodule)
+    val: list[dict[str, float]] = [{}]
+    test: list[dict[str, float]] = [{}]
+    if usable:
+        val = guard("validate", trainer.validate, module, datamodule=datamodule,
+                    verbose=False) or [{}]
+        if cfg.test:
+            test = guard("test", trainer.test, module, datamodule=datamodule,
+                         verbose=False) or [{}]
+    if status == "diverged" or not usable:  # the last finite metrics, not NaN weights' scores
+        val = [{"val/acc": probe.last_val.get("val/acc")}]
 
     results: dict[str, Any] = {
+        "status": status,
         "val_acc": val[0].get("val/acc"),
         "test_acc": test[0].get("test/acc"),
         "test_acc_top5": test[0].get("test/acc_top5"),
@@ -179,37 +269,52 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "target_flops_reduction": lrpet.config.target_flops_reduction if lrpet else None,
         "target_params_reduction": lrpet.config.target_params_reduction if lrpet else None,
         "allocation": lrpet.config.allocation if lrpet and lrpet.config.budget else None,
-        "flops_reduction": 0.0,
-        "params_reduction": 0.0,
+        # Measured from the compression report; a dense baseline is uncompressed by
+        # construction (0.0); an LRPET run without a report did not measure it (None).
+        "flops_reduction": 0.0 if lrpet is None else None,
+        "params_reduction": 0.0 if lrpet is None else None,
         "epochs": trainer.current_epoch,
+        "num_projections": lrpet.num_projections if lrpet else None,
         "wall_time_s": None,
         "output_dir": str(out),
     }
-    if lrpet is not None and lrpet.compression is not None:
-        report = lrpet.compression
+    if module.diverged_at is not None:
+        results["diverged_at"] = module.diverged_at
+        results["last_finite_val"] = probe.last_val or None
+    if compression is not None:
         if trainer.is_global_zero:
-            _write(out / "compression_report.json", json.dumps(report.to_dict(), indent=2))
-            _write(out / "compression_report.md", report.to_markdown())
-        results.update(flops_reduction=report.flops_reduction,
-                       params_reduction=report.params_reduction,
+            guard("compression report", _write, out / "compression_report.json",
+                  json.dumps(compression.to_dict(), indent=2))
+            guard("compression report", _write, out / "compression_report.md",
+                  compression.to_markdown())
+        results.update(flops_reduction=compression.flops_reduction,
+                       params_reduction=compression.params_reduction,
                        report=str(out / "compression_report.json"))
-    if trainer.is_global_zero and decomposed_ranks(net):
-        path = save_compact(net, out / cfg.compact_model_name, arch=cfg.model.arch,
-                            num_classes=datamodule.num_classes,
-                            in_channels=datamodule.in_channels,
-                            small_input=bool(cfg.model.small_input))
-        results["compact_model"] = str(path)
-    if spectra_before and trainer.is_global_zero:
-        plot = _plot_run(out / "compression_report.png", cfg, lrpet, spectra_before,
-                         layer_spectra(net, spectra_before))
+    if usable and status != "failed" and trainer.is_global_zero and decomposed_ranks(net):
+        path = guard("compact model", save_compact, net, out / cfg.compact_model_name,
+                     arch=cfg.model.arch, num_classes=datamodule.num_classes,
+                     in_channels=datamodule.in_channels,
+                     small_input=bool(cfg.model.small_input),
+                     input_spec=input_spec(datamodule),
+                     data=OmegaConf.to_container(cfg.data, resolve=True))
+        if path is not None:
+            results["compact_model"] = str(path)
+    if usable and spectra_before and trainer.is_global_zero:
+        plot = guard("compression plot", _plot_run, out / "compression_report.png", cfg,
+                     lrpet, spectra_before, layer_spectra(net, spectra_before))
         if plot is not None:
             results["compression_plot"] = str(plot)
     if objective is not None:
-        results["objective"] = _objective(results, **objective)
+        results["objective"] = objective_value(results, **objective)
+    results["errors"] = errors
     results["wall_time_s"] = time.perf_counter() - t0
+    results = json_safe(results)
     if trainer.is_global_zero:
-        _write(out / "results.json", json.dumps(results, indent=2))
-        print(_summary(results))
+        _write(out / "results.json", json.dumps(results, indent=2, allow_nan=False))
+        log.info("%s: val_acc=%s test_acc=%s flops_reduction=%s; results in %s", status,
+                 results["val_acc"], results["test_acc"], results["flops_reduction"],
+                 out / "results.json")
+        print(summary(results))
     return results
 
 
@@ -252,38 +357,20 @@ def _write(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _summary(results: dict[str, Any]) -> str:
-    def pct(x: Any) -> str:
-        return "-" if x is None else f"{100 * x:.2f} %"
-
-    budget = [(f"target {key[7:].replace('_', ' ')}", f"{pct(results[key])} "
-               f"({results['allocation']})") for key in ("target_flops_reduction",
-                                                        "target_params_reduction")
-              if results.get(key) is not None]
-    rows = [("model", results["arch"]), ("rank_ratio", str(results["rank_ratio"])), *budget,
-            ("test top-1 (compact)", pct(results["test_acc"])),
-            ("val top-1 (compact)", pct(results["val_acc"])),
-            ("FLOPs reduction", pct(results["flops_reduction"])),
-            ("params reduction", pct(results["params_reduction"])),
-            ("wall time", f"{results['wall_time_s']:.1f} s"),
-            ("compact model", results.get("compact_model", "-")),
-            ("results", str(Path(results["output_dir"]) / "results.json"))]
-    if "objective" in results:
-        rows.insert(-2, ("objective", f"{results['objective']:.4f}"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(["", "LRPET run summary", *(f"  {k.ljust(width)}  {v}" for k, v in rows)])
-
-
-def load_compact_model(path: str | Path):
-    """Rebuild and load the compact model a run wrote: ``load_compact_model("…/compact_model.pt")``."""
-    meta = read_compact(path)["metadata"]
-    net = build_model(meta["arch"], num_classes=meta["num_classes"],
-                      in_channels=meta["in_channels"], small_input=meta["small_input"])
-    return _load_compact(net, path).eval()
+def _route_lightning_logs() -> None:
+    """Send Lightning's messages (the LRPET callback's among them: ``rank_zero_info`` logs
+    to ``lightning.pytorch``) through the root logger, i.e. into Hydra's ``train.log``.
+    Lightning stops them at its own logger when it is imported before logging is set up."""
+    lightning_log = logging.getLogger("lightning.pytorch")
+    for handler in list(lightning_log.handlers):
+        if type(handler) is logging.StreamHandler:  # Lightning's console-only handler
+            lightning_log.removeHandler(handler)
+    lightning_log.propagate = True
 
 
 def _task(cfg: DictConfig) -> float | None:
     """What Hydra runs: ``train``, handing a sweeper (Optuna) the run's ``objective``."""
+    _route_lightning_logs()
     return train(cfg).get("objective")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,8 +58,25 @@ def save_compact(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
 
 
 def read_compact(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a compact file safely (``weights_only=True``: no pickled code runs)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a compact file safely (``weights_only=True``: no pickled code runs).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: an empty, truncated or foreign file (the message names it and says which).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"compact model {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"compact model {str(path)!r} is empty (0 bytes): its save was "
+                         f"interrupted or the disk was full; save it again")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as err:
+        # torch.load names neither the file nor the likely cause (a bare EOFError).
+        raise ValueError(f"compact model {str(path)!r} ({path.stat().st_size} bytes) cannot "
+                         f"be read: truncated, or not written by save_compact "
+                         f"({type(err).__name__}: {err})") from err
     if not isinstance(payload, dict) or payload.get("format") != COMPACT_FORMAT:
         raise ValueError(f"{path} is not an lrpet_lightning compact model ({COMPACT_FORMAT})")
     return payload

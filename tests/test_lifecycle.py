@@ -1,0 +1,394 @@
+"""The lifecycle of an ``lrpet-train`` run through ``train(cfg)`` and the *shipped* configs:
+resume checkpoints, relaunching a finished run, a second run into a used dir, divergence,
+faults after training, and what each leaves in ``results.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import lrpet_lightning.app.train as app
+from lrpet_lightning.app.module import ImageClassifier
+from lrpet_lightning.app.train import config_dir, train
+
+BATCHES = 3  # training batches per epoch
+
+
+def _cfg(out: Path, *overrides: str) -> DictConfig:
+    """The shipped default config (checkpoints included), trimmed to seconds."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        return compose("train", overrides=[
+            f"output_dir={out}", "trainer.max_epochs=1", f"+trainer.limit_train_batches={BATCHES}",
+            "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+            "+trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+            "plot_compression=false", *overrides])
+
+
+def _ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_last_ckpt_is_the_last_epoch_even_when_val_acc_drops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning 2.6 rewrites a ``save_last`` file only on a top-k save; the shipped config
+    writes last.ckpt with a second, metric-free ModelCheckpoint instead."""
+    original = ImageClassifier._eval_step
+
+    def worse_every_epoch(self: ImageClassifier, batch, stage: str) -> None:
+        if stage != "val":
+            return original(self, batch, stage)
+        self.log("val/acc", 1.0 / (1 + self.current_epoch), on_epoch=True, batch_size=1)
+
+    monkeypatch.setattr(ImageClassifier, "_eval_step", worse_every_epoch)
+    train(_cfg(tmp_path, "trainer.max_epochs=3", "test=false"))
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch000.ckpt", "last.ckpt"]
+    last = _ckpt(ckpts / "last.ckpt")
+    assert last["epoch"] == 2 and last["global_step"] == 3 * BATCHES  # the last, not the best
+    assert _ckpt(ckpts / "epoch000.ckpt")["global_step"] == BATCHES  # the best: epoch 0
+
+
+def test_resume_from_last_ckpt_continues_the_run(tmp_path: Path) -> None:
+    """An interrupted run (here: one that stopped after epoch 0 of 2, its results removed)
+    relaunched with ckpt_path=last trains only the missing epoch; the first launch used
+    the same ckpt_path=last, with no checkpoint yet."""
+    first = train(_cfg(tmp_path, "test=false", "ckpt_path=last"))
+    assert first["status"] == "finished" and first["epochs"] == 1
+    (tmp_path / "results.json").unlink()
+    with pytest.raises(FileExistsError):  # a new 2-epoch run into it is refused...
+        train(_cfg(tmp_path, "trainer.max_epochs=2", "test=false"))
+    results = train(_cfg(tmp_path, "trainer.max_epochs=2", "test=false", "ckpt_path=last"))
+    assert results["status"] == "finished" and results["epochs"] == 2
+    assert _ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2 * BATCHES
+
+
+def test_relaunch_of_a_finished_run_leaves_its_results_intact(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = train(_cfg(tmp_path))
+    assert first["status"] == "finished" and first["flops_reduction"] > 0.3
+    written = (tmp_path / "results.json").read_bytes()
+    metrics = (tmp_path / "csv" / "metrics.csv").read_bytes()  # the CSV logger deletes it
+    for ckpt_path in (tmp_path / "checkpoints" / "last.ckpt", "last"):
+        with caplog.at_level(logging.INFO, logger="lrpet_lightning"):
+            again = train(_cfg(tmp_path, f"ckpt_path={ckpt_path}"))
+        assert again["status"] == "already_finished"
+        assert again["flops_reduction"] == first["flops_reduction"]
+        assert (tmp_path / "results.json").read_bytes() == written
+        assert (tmp_path / "csv" / "metrics.csv").read_bytes() == metrics
+        assert not list((tmp_path / "csv").glob("metrics-launch*.csv"))
+        assert "is a finished run" in caplog.text
+
+
+def test_relaunch_of_a_finished_run_without_results_writes_no_fake_zero(
+        tmp_path: Path) -> None:
+    """With results.json gone, the relaunch recomputes what it can and writes null (never a
+    default 0.0) for what it did not measure."""
+    train(_cfg(tmp_path))
+    (tmp_path / "results.json").unlink()
+    results = train(_cfg(tmp_path, "ckpt_path=last"))
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["status"] == results["status"] == "already_finished"
+    assert written["flops_reduction"] is None or written["flops_reduction"] > 0.3
+    assert written["test_acc"] is not None
+
+
+def test_a_second_run_into_a_used_dir_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    train(_cfg(tmp_path))
+    before = (tmp_path / "results.json").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a run.*overwrite=true"):
+        train(_cfg(tmp_path, "seed=1"))
+    assert (tmp_path / "results.json").read_bytes() == before  # nothing touched
+    other = tmp_path.parent / f"{tmp_path.name}-other"  # a checkpoint from elsewhere too
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(_cfg(tmp_path, f"ckpt_path={other / 'last.ckpt'}"))
+    results = train(_cfg(tmp_path, "seed=1", "overwrite=true"))
+    assert results["status"] == "finished"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["epoch000.ckpt", "last.ckpt"]  # no last-v1.ckpt beside a stale last.ckpt
+
+
+@pytest.mark.parametrize("name", ["1", "results.json", "sub/model.pt", ".pt", "model.ckpt",
+                                  "../model.pt"])
+def test_compact_model_name_is_checked_before_training(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="compact_model_name must be a plain file name"):
+        train(_cfg(tmp_path, f"compact_model_name={name}"))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_diverging_run_ends_with_status_diverged_and_finite_metrics(tmp_path: Path) -> None:
+    results = train(_cfg(tmp_path, "trainer.max_epochs=3", "optim.lr=1e6"))
+    written = json.loads((tmp_path / "results.json").read_text())  # valid JSON: no NaN
+    assert written == results
+    assert results["status"] == "diverged"
+    assert results["diverged_at"]["loss"] in ("nan", "inf", "-inf")
+    assert results["epochs"] < 3  # stopped, not trained to the end on NaN
+    assert results["val_acc"] is None or 0.0 <= results["val_acc"] <= 1.0
+    assert results["flops_reduction"] is None or results["flops_reduction"] > 0.0
+
+
+def test_a_nan_loss_mid_run_keeps_the_weights_finite(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN loss is caught before its backward: the step is skipped, the fit stops, and
+    the (finite) model is still decomposed, scored and saved."""
+    original = ImageClassifier._loss
+
+    def nan_from_step_4(self: ImageClassifier, batch):
+        loss, logits, y = original(self, batch)
+        if self.training and self.global_step >= 4:
+            loss = loss * float("nan")
+        return loss, logits, y
+
+    monkeypatch.setattr(ImageClassifier, "_loss", nan_from_step_4)
+    results = train(_cfg(tmp_path, "trainer.max_epochs=3"))
+    assert results["status"] == "diverged"
+    assert results["diverged_at"] == {"epoch": 1, "step": 4, "loss": "nan"}
+    assert results["val_acc"] == results["last_finite_val"]["val/acc"]
+    assert results["test_acc"] is not None and "compact_model" in results
+
+
+def test_faults_after_training_are_recorded_not_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(app, "save_compact", disk_full)
+    results = train(_cfg(tmp_path))
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["status"] == "finished" and written["flops_reduction"] > 0.3
+    assert [e["step"] for e in written["errors"]] == ["compact model"]
+    assert "No space left on device" in written["errors"][0]["error"]
+    assert "compact_model" not in results
+
+
+def test_the_run_logs_what_it_trains_and_where(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="lrpet_lightning"):
+        train(_cfg(tmp_path))
+    assert f"training resnet20 on DigitsDataModule for 1 epoch(s); outputs in {tmp_path}" \
+        in caplog.text
+    assert f"results in {tmp_path / 'results.json'}" in caplog.text
+
+
+# ------------------------------------------------------------- kill and relaunch, for real
+WAITER = '''
+import os, sys, time
+import lightning.pytorch as pl
+
+
+class WaitAt(pl.Callback):
+    """Writes <marker>.<step> and blocks at the start of the batch reaching global step
+    ``step`` (once per marker), until Lightning saw SIGTERM or the process is killed."""
+
+    def __init__(self, steps, marker):
+        self.steps, self.marker = list(steps), marker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        marker = f"{self.marker}.{trainer.global_step}"
+        if trainer.global_step not in self.steps or os.path.exists(marker):
+            return
+        open(marker, "w").close()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not trainer.received_sigterm:
+            time.sleep(0.01)
+        if not trainer.received_sigterm:
+            sys.exit(3)  # no signal came: fail loudly
+'''
+
+
+def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
+    """``python -m lrpet_lightning.app`` with the shipped configs, 3 epochs of 4 batches,
+    ``ckpt_path=last``: the one command for the first launch and every relaunch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1",
+           "PYTHONPATH": os.pathsep.join([str(run_dir.parent), os.environ.get("PYTHONPATH", "")])}
+    log = open(run_dir.parent / f"{run_dir.name}.out", "a")  # noqa: SIM115 - the child's
+    return subprocess.Popen(
+        [sys.executable, "-m", "lrpet_lightning.app", "trainer.max_epochs=3",
+         "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1",
+         "+trainer.limit_test_batches=2", "+trainer.enable_progress_bar=false",
+         "~callbacks.progress_bar", "plot_compression=false", "ckpt_path=last",
+         f"hydra.run.dir={run_dir}", *extra],
+        cwd=run_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait(proc: subprocess.Popen, run_dir: Path, rc: int) -> None:
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out = (run_dir.parent / f"{run_dir.name}.out").read_text()
+    assert proc.returncode == rc, out[-4000:]
+
+
+def _interrupt(run_dir: Path, sig: signal.Signals, at: int, waiter: list[str]) -> None:
+    """Launch, wait until the run blocks at global step ``at`` (mid-epoch), send ``sig``."""
+    proc = _launch(run_dir, *waiter)
+    marker = run_dir.parent / f"wait.{at}"
+    deadline = time.monotonic() + 300
+    try:
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (run_dir.parent / f"{run_dir.name}.out").read_text()[-4000:]
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        # SIGTERM: Lightning finishes the batch and exits with status 0, results unwritten.
+        _wait(proc, run_dir, 0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (run_dir / "results.json").exists()
+
+
+@pytest.mark.slow  # four fresh interpreters: ~40 s on 2 idle cores, 2 min on busy ones
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_killed_mid_epoch_and_relaunched_with_the_same_command_ends_as_if_never_stopped(
+        tmp_path: Path) -> None:
+    """SIGKILL in epoch 1, then SIGTERM in epoch 2, each relaunched with the very same
+    command: the same compact weights, results and projection count as a run never
+    stopped. Exact because the digits order and shifts are drawn from (seed, epoch,
+    sample), and last.ckpt is every epoch's (the killed epoch is trained again)."""
+    (tmp_path / "lifecycle_waiter.py").write_text(WAITER)
+    waiter = ["+callbacks.waiter._target_=lifecycle_waiter.WaitAt",
+              "+callbacks.waiter.steps=[6,10]", f"+callbacks.waiter.marker={tmp_path / 'wait'}"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    reference = _launch(straight)  # alongside the first launch of the other (two cores)
+    try:
+        _interrupt(stopped, signal.SIGKILL, 6, waiter)  # epoch 1, batch 2 of 4
+        _interrupt(stopped, signal.SIGTERM, 10, waiter)  # epoch 2, batch 2 of 4
+        final = _launch(stopped, *waiter)
+        _wait(final, stopped, 0)
+        _wait(reference, straight, 0)
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
+    a = json.loads((straight / "results.json").read_text())
+    b = json.loads((stopped / "results.json").read_text())
+    assert b["status"] == "finished" and b["epochs"] == 3 and b["num_projections"] == 3
+    paths = ("output_dir", "report", "compact_model", "wall_time_s")
+    assert {k: v for k, v in b.items() if k not in paths} == \
+        {k: v for k, v in a.items() if k not in paths}
+    wa = torch.load(straight / "compact_model.pt", weights_only=True)["state_dict"]
+    wb = torch.load(stopped / "compact_model.pt", weights_only=True)["state_dict"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # Nothing of an earlier launch is lost: each one's metrics, and one log of them all.
+    csv_dir = stopped / "csv"
+    assert sorted(p.name for p in csv_dir.glob("metrics*.csv")) == \
+        ["metrics-launch1.csv", "metrics-launch2.csv", "metrics.csv"]
+    log_text = (stopped / "train.log").read_text()
+    assert log_text.count("training resnet20 on DigitsDataModule") == 3
+    assert "LRPET: projecting 19 layer(s) every 1 epoch(s)" in log_text  # Lightning's logger
+    assert f"results in {stopped / 'results.json'}" in log_text
+
+
+def test_lrpet_train_sends_lightnings_messages_to_train_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Lightning stops its own logger's records from reaching the root logger (Hydra's
+    train.log) when imported first; the app's Hydra task lets them through."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    lightning_log = logging.getLogger("lightning.pytorch")
+    saved = lightning_log.propagate, list(lightning_log.handlers)
+    try:
+        lightning_log.propagate = False  # as Lightning leaves it, imported before logging
+        with caplog.at_level(logging.INFO):
+            rank_zero_info("LRPET: lost")
+            app._route_lightning_logs()
+            rank_zero_info("LRPET: a message for train.log")
+        assert caplog.messages == ["LRPET: a message for train.log"]
+    finally:
+        lightning_log.propagate = saved[0]
+        lightning_log.handlers[:] = saved[1]
+
+
+# ---------------------------------------------------------------- output dir and inputs
+def test_an_unwritable_output_dir_fails_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="is not writable.*nothing was trained"):
+        train(_cfg(blocker / "run"))
+    if os.geteuid() != 0:  # root writes into read-only dirs anyway
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        try:
+            with pytest.raises(OSError, match=f"output_dir '{locked}' is not writable"):
+                train(_cfg(locked))
+        finally:
+            locked.chmod(0o755)
+        assert not list(locked.iterdir())
+
+
+def test_the_compact_model_records_its_inputs_and_refuses_others(tmp_path: Path) -> None:
+    from lrpet_lightning.app.compact import load_compact_datamodule, load_compact_model
+    from lrpet_lightning.app.data import DigitsDataModule
+    from lrpet_lightning.core.checkpoint import read_compact
+
+    results = train(_cfg(tmp_path, "test=false"))
+    path = Path(results["compact_model"])
+    spec = read_compact(path)["metadata"]["input_spec"]
+    assert spec["image_size"] == 16 and spec["class_names"] == [str(d) for d in range(10)]
+    model = load_compact_model(path)
+    with pytest.raises(ValueError, match=r"trained on 1x16x16 inputs .* got 1x32x32"):
+        model(torch.zeros(2, 1, 32, 32))  # DigitsDataModule()'s default size
+    with pytest.raises(ValueError, match=r"image_size=32 \(the run: 16\).*"
+                                         r"load_compact_datamodule"):
+        load_compact_model(path, datamodule=DigitsDataModule())
+    datamodule = load_compact_datamodule(path)
+    load_compact_model(path, datamodule=datamodule)  # the run's own data: accepted
+    datamodule.setup("fit")
+    x, y = next(iter(datamodule.val_dataloader()))
+    assert (model(x).argmax(1) == y).float().mean().item() == pytest.approx(
+        results["val_acc"], abs=1e-6)  # limit_val_batches=1: the same batch
+
+
+def test_a_fault_at_fit_end_is_recorded_and_a_relaunch_redoes_the_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The callback's decomposition fails after training: results.json says so (status
+    failed, no FLOPs figure, no compact model); relaunched with ckpt_path=last, the app
+    decomposes the checkpoint's weights itself and measures the report it writes."""
+    import lrpet_lightning.callback as callback_module
+
+    clean = train(_cfg(tmp_path / "clean", "test=false"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated solver failure")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(callback_module, "decompose_", broken)
+        failed = train(_cfg(tmp_path / "run", "test=false"))
+    assert failed["status"] == "failed" and failed["flops_reduction"] is None
+    assert failed["errors"][0]["step"] == "fit end"
+    assert "simulated solver failure" in failed["errors"][0]["error"]
+    assert "compact_model" not in failed
+    again = train(_cfg(tmp_path / "run", "test=false", "ckpt_path=last"))
+    assert again["status"] == "already_finished" and not again["errors"]
+    assert again["flops_reduction"] == pytest.approx(clean["flops_reduction"], rel=1e-12)
+    assert again["val_acc"] == pytest.approx(clean["val_acc"], abs=1e-6)
+    assert Path(again["compact_model"]).is_file()
+
+
+def test_the_lightning_range_pyproject_claims_is_the_one_installed() -> None:
+    """The checkpoint semantics above are Lightning 2.6.6's; pyproject.toml must not allow
+    a version they were not checked on."""
+    import lightning
+    from packaging.requirements import Requirement
+
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    line = next(x for x in pyproject.splitlines() if x.strip().startswith('"lightning'))
+    requirement = Requirement(line.strip().split('"')[1])
+    assert lightning.__version__ in requirement.specifier
+    assert not requirement.specifier.contains("2.7.0") and not requirement.specifier.contains(
+        "2.5.0")
