@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from lrpet_lightning.core.config import LowRankConfig
-from lrpet_lightning.core.trace import Trace, trace_layers
+from lrpet_lightning.core.trace import Trace, attach_bn_pairs, trace_layers
 from lrpet_lightning.core.walk import Selection, TargetLayer, select
 
 __all__ = ["LayerPlan", "apply_trace", "plan_layers", "skip_message"]
@@ -61,18 +61,16 @@ def skip_message(verb: str, skipped: Mapping[str, str], notes: Mapping[str, str]
 
 def apply_trace(plan: LayerPlan, trace: Trace, bn_rectification: bool) -> None:
     """Drop the layers whose weight is read outside their forward; attach BatchNorms."""
-    kept = []
     for layer in plan.layers:
         if layer.name in trace.read_outside:
             plan.skipped[layer.name] = READ_OUTSIDE
-            continue
-        kept.append(layer)
-        if bn_rectification:
-            layer.bn_name, layer.bn = trace.pairs.get(layer.name, (None, None))
+    plan.layers = [layer for layer in plan.layers if layer.name not in trace.read_outside]
+    if bn_rectification:
+        attach_bn_pairs(plan.layers, trace.pairs)
+        for layer in plan.layers:
             if layer.name in trace.ambiguous:
                 plan.notes[layer.name] = (f"feeds several BatchNorms {trace.ambiguous[layer.name]}:"
                                           " no BN rectification")
-    plan.layers = kept
 
 
 def plan_layers(

@@ -24,7 +24,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lrpet_lightning.core.walk import TargetLayer
 
-__all__ = ["BNPairTracer", "Trace", "run_forward", "trace_bn_pairs", "trace_layers"]
+__all__ = ["BNPairTracer", "Trace", "attach_bn_pairs", "run_forward", "trace_bn_pairs",
+           "trace_layers"]
 
 
 @dataclass
@@ -234,3 +235,11 @@ def trace_bn_pairs(
 ) -> dict[str, tuple[str, _BatchNorm]]:
     """Find each layer's following BatchNorm with one eval-mode, no-grad forward pass."""
     return trace_layers(model, layers, example_inputs).pairs
+
+
+def attach_bn_pairs(
+    layers: Iterable[TargetLayer], pairs: Mapping[str, tuple[str, nn.Module]]
+) -> None:
+    """Record each layer's following BatchNorm (from ``trace_bn_pairs`` or ``BNPairTracer``)."""
+    for layer in layers:
+        layer.bn_name, layer.bn = pairs.get(layer.name, (None, None))

@@ -21,6 +21,7 @@ from lrpet_lightning.core.linalg import (
     project_matrix,
 )
 from lrpet_lightning.core.plan import plan_layers
+from lrpet_lightning.core.trace import attach_bn_pairs
 from lrpet_lightning.core.walk import TargetLayer, layer_matrix
 
 __all__ = [
@@ -54,14 +55,6 @@ class LayerRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def attach_bn_pairs(
-    layers: Sequence[TargetLayer], pairs: Mapping[str, tuple[str, nn.Module]]
-) -> None:
-    """Record each layer's following BatchNorm (from ``trace_bn_pairs`` or ``BNPairTracer``)."""
-    for layer in layers:
-        layer.bn_name, layer.bn = pairs.get(layer.name, (None, None))
 
 
 def _rectification_scale(layer: TargetLayer) -> torch.Tensor | None:
