@@ -36,8 +36,8 @@ import torchvision
 from lrpet_lightning.core import distributed
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.distributed import assign_owners, project_layers_distributed_, svd_cost
-from lrpet_lightning.core.transforms import attach_bn_pairs
 from lrpet_lightning.core.trace import trace_bn_pairs
+from lrpet_lightning.core.transforms import attach_bn_pairs
 from lrpet_lightning.core.walk import TargetLayer, select_layers
 
 
@@ -136,7 +136,7 @@ def _worker(rank: int, world: int, port: int, rank_ratio: float, repeats: int) -
               "slow the 2-rank pass most" % os.getloadavg()[0])
         print(f"  1 rank : {one:6.3f} s")
         print(f"  2 ranks: {two:6.3f} s   ratio 2-rank/1-rank = {two / one:.3f}")
-        print(f"  planned shares of the SVD cost: "
+        print("  planned shares of the SVD cost: "
               + " / ".join(f"{100 * s:.1f} %" for s in shares))
         for r, part in enumerate(everyone):
             assert part is not None

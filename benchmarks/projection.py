@@ -39,18 +39,18 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from svd_backends import _best_times, _convs, _max_rel_err, parse_args  # noqa: E402
+from svd_backends import _best_times, _max_rel_err, parse_args
 
-from lrpet_lightning.core import LowRankConfig, select_layers, trace_bn_pairs  # noqa: E402
-from lrpet_lightning.core.linalg import (  # noqa: E402
+from lrpet_lightning.core import LowRankConfig, select_layers, trace_bn_pairs
+from lrpet_lightning.core.linalg import (
     BN_INVERSE_EPS,
     ZERO_LAYER_TOL,
     bn_scale,
     project_matrix,
     weight_to_matrix,
 )
-from lrpet_lightning.core.transforms import attach_bn_pairs, project_layers_  # noqa: E402
-from lrpet_lightning.core.walk import TargetLayer  # noqa: E402
+from lrpet_lightning.core.transforms import attach_bn_pairs, project_layers_
+from lrpet_lightning.core.walk import TargetLayer
 
 TARGET_SPEEDUP = 3.0
 TARGET_REL_ERR = 1e-5

@@ -25,15 +25,15 @@ from lrpet_lightning.core.budget import RankSolution, budget_selection, solve_ra
 from lrpet_lightning.core.checkpoint import atomic_write
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.distributed import project_layers_distributed_
+from lrpet_lightning.core.plan import LayerPlan, apply_trace, skip_message
 from lrpet_lightning.core.report import CompressionReport, compression_report
+from lrpet_lightning.core.trace import BNPairTracer
 from lrpet_lightning.core.transforms import (
     LayerRecord,
     decompose_,
     decomposed_ranks,
     match_architecture_,
 )
-from lrpet_lightning.core.trace import BNPairTracer
-from lrpet_lightning.core.plan import LayerPlan, apply_trace, skip_message
 from lrpet_lightning.core.walk import Selection, TargetLayer, select
 
 __all__ = ["LowRankProjectionCallback"]

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchvision
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_callback import Tiny, make_trainer  # the callback tests' tiny LightningModule
 from torch import nn
 
 from lrpet_lightning import (
@@ -30,8 +31,6 @@ from lrpet_lightning.core import budget as budget_module
 from lrpet_lightning.core.budget import budget_costs, layer_energies
 from lrpet_lightning.core.walk import TargetLayer, select_layers
 from lrpet_lightning.models import build_model
-
-from test_callback import Tiny, make_trainer  # the callback tests' tiny LightningModule
 
 
 def _reduction(report: Any, metric: str) -> float:

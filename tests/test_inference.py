@@ -7,12 +7,10 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lrpet_lightning.core import FactorizedLayer, decompose_, decomposed_ranks
-from lrpet_lightning.core import inference
+from lrpet_lightning.core import FactorizedLayer, decompose_, decomposed_ranks, inference
 from lrpet_lightning.core.inference import fold_batchnorms_, prepare_for_inference
 from lrpet_lightning.models import build_model
 

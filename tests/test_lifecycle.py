@@ -211,7 +211,7 @@ def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
     ``ckpt_path=last``: the one command for the first launch and every relaunch."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1",
            "PYTHONPATH": os.pathsep.join([str(run_dir.parent), os.environ.get("PYTHONPATH", "")])}
-    log = open(run_dir.parent / f"{run_dir.name}.out", "a")  # noqa: SIM115 - the child's
+    log = open(run_dir.parent / f"{run_dir.name}.out", "a")
     return subprocess.Popen(
         [sys.executable, "-m", "lrpet_lightning.app", "trainer.max_epochs=3",
          "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1",

@@ -6,7 +6,7 @@ import copy
 import json
 import math
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ from lrpet_lightning.models import resnet56, resnet110
 INPUT = (1, 3, 32, 32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _report(depth: int, rank_ratio: float) -> tuple[nn.Module, CompressionReport]:
     """Every Conv2d of a CIFAR ResNet decomposed at ``rank_ratio``; cached because the
     same report serves several tests (tests only read it)."""

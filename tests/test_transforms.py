@@ -22,7 +22,6 @@ from torch.testing import assert_close
 
 from lrpet_lightning.core import (
     FactorizedConv,
-    FactorizedLayer,
     FactorizedLinear,
     decompose_,
     decomposed_ranks,

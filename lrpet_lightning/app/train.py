@@ -64,7 +64,7 @@ def _instantiate_logger(cfg: DictConfig) -> Any:
         return False
     try:
         return hydra.utils.instantiate(cfg.logger)
-    except Exception as err:  # noqa: BLE001 - missing optional packages surface here
+    except Exception as err:
         if isinstance(err.__cause__, (ImportError, ModuleNotFoundError)) or "install" in str(err):
             target = cfg.logger.get("_target_", "?")
             raise RuntimeError(f"logger {target} needs a package that is not installed "

@@ -12,6 +12,7 @@ from lrpet_lightning.core.factorized import FactorizedConv, FactorizedLayer, Fac
 from lrpet_lightning.core.inference import prepare_for_inference
 from lrpet_lightning.core.linalg import project_matrix, rank_from_ratio, top_singular_triplets
 from lrpet_lightning.core.report import CompressionReport, LayerCost, compression_report
+from lrpet_lightning.core.trace import BNPairTracer, trace_bn_pairs
 from lrpet_lightning.core.transforms import (
     LayerRecord,
     decompose_,
@@ -21,7 +22,6 @@ from lrpet_lightning.core.transforms import (
     project_low_rank_,
     recompose_,
 )
-from lrpet_lightning.core.trace import BNPairTracer, trace_bn_pairs
 from lrpet_lightning.core.walk import TargetLayer, select_layers
 
 __all__ = [

@@ -188,7 +188,7 @@ def run_forward(model: nn.Module, example_inputs: Any) -> Any:
         if isinstance(example_inputs, (tuple, list)):
             return model(*example_inputs)
         return model(example_inputs)
-    except Exception as err:  # noqa: BLE001 - re-raised with the argument named
+    except Exception as err:
         raise ValueError(
             f"example_inputs {_describe(example_inputs)} do not run through "
             f"{type(model).__name__}: {type(err).__name__}: {err}"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torchvision
 from torch import nn
@@ -10,7 +11,7 @@ from torch import nn
 from .cifar_resnet import resnet20, resnet32, resnet44, resnet56, resnet110
 from .vgg import vgg16_bn
 
-__all__ = ["build_model", "available_models"]
+__all__ = ["available_models", "build_model"]
 
 _CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
