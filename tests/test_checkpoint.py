@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,16 @@ def test_round_trip_rebuilds_thin_layers_and_outputs(tmp_path: Path) -> None:
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(fresh(x), model(x))
     assert read_compact(path)["metadata"] == {"arch": "resnet20"}
+
+
+def test_reload_is_silent_and_keeps_rank_one_layers(tmp_path: Path) -> None:
+    # Rebuilding from the file's shapes: no "not rank r" warning about the fresh random weights.
+    model = _compact_resnet20()
+    path = save_compact(model, tmp_path / "m.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh = load_compact(build_model("resnet20"), path)
+    assert decomposed_ranks(fresh) == decomposed_ranks(model)
 
 
 def test_file_loads_with_weights_only(tmp_path: Path) -> None:

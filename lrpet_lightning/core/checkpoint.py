@@ -13,7 +13,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from lrpet_lightning.core.transforms import decompose_, decomposed_ranks
+from lrpet_lightning.core.transforms import decomposed_ranks, match_architecture_
 
 __all__ = ["COMPACT_FORMAT", "atomic_write", "load_compact", "read_compact", "save_compact"]
 
@@ -98,11 +98,14 @@ def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"{path} holds a factorized layer {name!r} (rank {rank}) that "
                 f"{type(model).__name__} does not have: is it the same architecture?"
             )
-    decompose_(model, ranks=ranks, include_linear=True, include=list(ranks))
-    missing = [n for n in ranks if n not in decomposed_ranks(model)]
+    state = payload["state_dict"]
+    # The thin layers' shapes come from the file: no truncation of the fresh random weights
+    # (which are overwritten next) and so no "not rank r" warning on every reload.
+    match_architecture_(model, state)
+    rebuilt = decomposed_ranks(model)
+    missing = [n for n, r in ranks.items() if rebuilt.get(n) != r]
     if missing:
         raise ValueError(f"could not rebuild factorized layers {missing} of {path}")
-    state = payload["state_dict"]
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
