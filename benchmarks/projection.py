@@ -41,7 +41,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from svd_backends import _best_times, _max_rel_err, parse_args
 
-from lrpet_lightning.core import LowRankConfig, select_layers, trace_bn_pairs
+from lrpet_lightning.core import LowRankConfig
 from lrpet_lightning.core.linalg import (
     BN_INVERSE_EPS,
     ZERO_LAYER_TOL,
@@ -49,8 +49,9 @@ from lrpet_lightning.core.linalg import (
     project_matrix,
     weight_to_matrix,
 )
+from lrpet_lightning.core.trace import trace_bn_pairs
 from lrpet_lightning.core.transforms import attach_bn_pairs, project_layers_
-from lrpet_lightning.core.walk import TargetLayer
+from lrpet_lightning.core.walk import TargetLayer, select_layers
 
 TARGET_SPEEDUP = 3.0
 TARGET_REL_ERR = 1e-5

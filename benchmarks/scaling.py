@@ -25,8 +25,9 @@ import torch
 import torchvision
 from torch import nn
 
-from lrpet_lightning.core import LowRankConfig, select_layers
+from lrpet_lightning.core import LowRankConfig
 from lrpet_lightning.core.transforms import project_layers_
+from lrpet_lightning.core.walk import select_layers
 
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101")
 RATIOS = (0.1, 0.2, 0.4, 0.6, 0.8)

@@ -24,8 +24,8 @@ import torch
 import torchvision
 from torch import nn
 
-from lrpet_lightning import project_low_rank_, rank_from_ratio
-from lrpet_lightning.core.linalg import project_matrix, weight_to_matrix
+from lrpet_lightning import project_low_rank_
+from lrpet_lightning.core.linalg import project_matrix, rank_from_ratio, weight_to_matrix
 
 METHODS = ("exact", "gram", "randomized")
 

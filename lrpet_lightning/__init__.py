@@ -7,13 +7,54 @@ The maths (``project_low_rank_``, ``decompose_``, ``compression_report``) is pla
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lrpet_lightning.core import *  # noqa: F403
-from lrpet_lightning.core import __all__ as _core_all
+from lrpet_lightning.core import (
+    CompressionReport,
+    FactorizedConv,
+    FactorizedLayer,
+    FactorizedLinear,
+    LayerCost,
+    LayerRecord,
+    LowRankConfig,
+    RankSolution,
+    compression_report,
+    decompose_,
+    decomposed_ranks,
+    load_compact,
+    match_architecture_,
+    prepare_for_inference,
+    project_low_rank_,
+    recompose_,
+    save_compact,
+    solve_ranks,
+)
+
+if TYPE_CHECKING:  # IDEs and type checkers see it; at run time it is imported on first use
+    from lrpet_lightning.callback import LowRankProjectionCallback
 
 __version__ = "0.1.0"
-__all__ = [*_core_all, "LowRankProjectionCallback"]
+__all__ = [
+    "CompressionReport",
+    "FactorizedConv",
+    "FactorizedLayer",
+    "FactorizedLinear",
+    "LayerCost",
+    "LayerRecord",
+    "LowRankConfig",
+    "LowRankProjectionCallback",
+    "RankSolution",
+    "compression_report",
+    "decompose_",
+    "decomposed_ranks",
+    "load_compact",
+    "match_architecture_",
+    "prepare_for_inference",
+    "project_low_rank_",
+    "recompose_",
+    "save_compact",
+    "solve_ranks",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -35,9 +35,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch import nn
 
-from lrpet_lightning import CompressionReport, compression_report, decompose_, select_layers
+from lrpet_lightning import CompressionReport, compression_report, decompose_
 from lrpet_lightning.app.module import ImageClassifier
 from lrpet_lightning.app.train import config_dir, train
+from lrpet_lightning.core.walk import select_layers
 from lrpet_lightning.models import build_model
 
 CONF = config_dir()

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from lrpet_lightning.core import CompressionReport, compression_report, decompose_, rank_from_ratio
+from lrpet_lightning.core import CompressionReport, compression_report, decompose_
+from lrpet_lightning.core.linalg import rank_from_ratio
 from lrpet_lightning.models import resnet56, resnet110
 
 INPUT = (1, 3, 32, 32)

@@ -26,11 +26,10 @@ from lrpet_lightning.core import (
     decompose_,
     decomposed_ranks,
     project_low_rank_,
-    rank_from_ratio,
     recompose_,
-    trace_bn_pairs,
 )
-from lrpet_lightning.core.linalg import bn_scale, project_matrix, weight_to_matrix
+from lrpet_lightning.core.linalg import bn_scale, project_matrix, rank_from_ratio, weight_to_matrix
+from lrpet_lightning.core.trace import trace_bn_pairs
 from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer
 from lrpet_lightning.models import resnet20, resnet56
 
