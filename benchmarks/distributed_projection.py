@@ -124,7 +124,7 @@ def _worker(rank: int, world: int, port: int, rank_ratio: float, repeats: int) -
     if rank == 0:
         costs = [svd_cost(layer) for layer in layers]
         owners = assign_owners(costs, world)
-        shares = [sum(c for c, o in zip(costs, owners) if o == r) / sum(costs)
+        shares = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) / sum(costs)
                   for r in range(world)]
         megabytes = sum(w.numel() * w.element_size() for w in weights) / 1e6
         one, two = best["1 rank"], best["2 ranks"]
@@ -132,8 +132,8 @@ def _worker(rank: int, world: int, port: int, rank_ratio: float, repeats: int) -
               f"svd_method {config.svd_method!r}, BN rectification on; gloo on CPU, 1 thread "
               f"per rank; best of {repeats} (torch {torch.__version__}, "
               f"{os.cpu_count()} CPU cores)")
-        print("  load average (1 min) at the end: %.2f — other processes on these cores "
-              "slow the 2-rank pass most" % os.getloadavg()[0])
+        print(f"  load average (1 min) at the end: {os.getloadavg()[0]:.2f} — other processes "
+              "on these cores slow the 2-rank pass most")
         print(f"  1 rank : {one:6.3f} s")
         print(f"  2 ranks: {two:6.3f} s   ratio 2-rank/1-rank = {two / one:.3f}")
         print("  planned shares of the SVD cost: "

@@ -79,7 +79,7 @@ def bench_batch(
         "compact prepared": lambda: prepared(x_prepared),
     }
     with torch.no_grad():
-        times = dict(zip(candidates, race(list(candidates.values()), repeats)))
+        times = dict(zip(candidates, race(list(candidates.values()), repeats), strict=True))
     made_dense = sorted(set(decomposed_ranks(compact)) - set(decomposed_ranks(prepared)))
 
     print(f"\nbatch {batch}  (best of {repeats}, interleaved; set-up "
