@@ -93,7 +93,8 @@ def reference_projection_(layers: list[TargetLayer]) -> None:
 
 @torch.no_grad()
 def exact_float64(layers: list[TargetLayer]) -> dict[str, torch.Tensor]:
-    """The ground truth: ALGORITHM.md §4 with BN rectification, full SVD in float64, on CPU."""
+    """The ground truth: the projection (docs/method.md) with BN rectification, full SVD in
+    float64, on CPU."""
     out = {}
     for layer in layers:
         W = layer.module.weight

@@ -54,7 +54,7 @@ def reference_projection_(model: nn.Module, rank_ratio: float) -> None:
 
 @torch.no_grad()
 def exact_float64(model: nn.Module, rank_ratio: float) -> dict[str, torch.Tensor]:
-    """The ground truth: ALGORITHM.md §4 (no BN rectification) in float64."""
+    """The ground truth: the projection of docs/method.md (no BN rectification) in float64."""
     out = {}
     for name, conv in _convs(model).items():
         M = weight_to_matrix(conv.weight).double()

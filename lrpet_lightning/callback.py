@@ -1,19 +1,25 @@
-"""``LowRankProjectionCallback``: LRPET for any LightningModule, a thin scheduler over the core."""
+"""``LowRankProjectionCallback``: LRPET for any LightningModule, a thin scheduler over the core.
+
+The callback decides *when* (the schedule, :meth:`~LowRankProjectionCallback.should_project`),
+keeps the checkpointed state and reports through Lightning; the work is the core's:
+planning (:mod:`~lrpet_lightning.core.plan`), tracing BatchNorms and recording an input
+(:mod:`~lrpet_lightning.core.trace`), finding the network inside the LightningModule
+(:mod:`~lrpet_lightning.core.network`), projecting (:mod:`~lrpet_lightning.core.distributed`),
+solving a budget (:mod:`~lrpet_lightning.core.budget`) and the compression report
+(:mod:`~lrpet_lightning.core.report`).
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import time
-import warnings
 from collections.abc import Mapping, Sequence
-from numbers import Integral
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -21,33 +27,95 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
-from lrpet_lightning.core.budget import RankSolution, budget_selection, solve_ranks_for_layers
-from lrpet_lightning.core.checkpoint import atomic_write
+from lrpet_lightning.core.budget import RankSolution, solve_ranks_for_layers
+from lrpet_lightning.core.checkpoint import optimizers_match
+from lrpet_lightning.core.checks import check_bool, check_int
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.distributed import project_layers_distributed_
-from lrpet_lightning.core.plan import LayerPlan, apply_trace, skip_message
-from lrpet_lightning.core.report import CompressionReport, compression_report
-from lrpet_lightning.core.trace import BNPairTracer
+from lrpet_lightning.core.network import Network, find_network
+from lrpet_lightning.core.plan import LayerPlan, merge_trace, select_plan, set_ranks, skip_message
+from lrpet_lightning.core.report import CompressionReport, projection_summary, rank_report
+from lrpet_lightning.core.trace import BNPairTracer, InputRecorder
 from lrpet_lightning.core.transforms import (
     LayerRecord,
     decompose_,
     decomposed_ranks,
     match_architecture_,
 )
-from lrpet_lightning.core.walk import Selection, TargetLayer, select
+from lrpet_lightning.core.walk import TargetLayer
 
 __all__ = ["LowRankProjectionCallback"]
 
 # Strategies that shard parameters: no process holds a whole weight matrix to project.
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
+# A projection that skipped no layer for one of these reasons leaves the weights exactly low rank.
+_EXACT_SKIPS = (None, "rank >= full rank", "all-zero layer")
 
 
-def _check_schedule_int(name: str, value: Any, minimum: int, optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, "
-                         f"got {value!r}")
+@dataclass
+class _FitState:
+    """What one fit plans and sees. Made afresh in ``setup`` for every fit: one callback may
+    serve several Trainers and models. ``ranks`` and ``budget_ranks`` are checkpointed."""
+
+    #: The targeted layers (ranks set, BatchNorms attached once traced); None before
+    #: planning and after decomposition (the planned modules are gone).
+    plan: LayerPlan | None = None
+    #: ``{layer: rank}`` the layers are projected at (empty while a budget is unsolved).
+    ranks: dict[str, int] = field(default_factory=dict)
+    #: A budget's solved ranks (None until solved), frozen once solved.
+    budget_ranks: dict[str, int] | None = None
+    budget_solution: RankSolution | None = None
+    first_records: list[LayerRecord] = field(default_factory=list)
+    tracer: BNPairTracer | None = None  # live during the first training step only
+    inputs: InputRecorder | None = None  # one sample of the network's input
+    traced: bool = False
+    step_at_batch_start: int = -1
+    projected_this_epoch: bool = False
+    #: True while the weights are exactly low rank: projected with residual_scale=0 and no
+    #: optimizer step since.
+    exact: bool = False
+
+    @property
+    def layers(self) -> list[TargetLayer]:
+        return [] if self.plan is None else self.plan.layers
+
+    @property
+    def example_inputs(self) -> Any:
+        return None if self.inputs is None else self.inputs.inputs
+
+    def start_tracing(self, model: nn.Module, inputs_of: nn.Module | None) -> None:
+        """Hook the first training step: BN pairs and outside reads of the planned layers
+        (``model``'s), and the input of ``inputs_of`` (when given)."""
+        self.traced = True
+        self.tracer = BNPairTracer(model, self.layers).__enter__()
+        if inputs_of is not None and self.inputs is None:
+            self.inputs = InputRecorder(inputs_of).__enter__()
+
+    def finish_tracing(self, model: nn.Module, bn_rectification: bool) -> list[str]:
+        """Unhook, and apply the trace to the plan; the warnings to give (once per fit)."""
+        if self.inputs is not None:
+            self.inputs.__exit__()  # it removes itself once it ran; this is for a step that did not
+        if self.tracer is None or self.plan is None:
+            return []
+        self.tracer.__exit__()
+        trace, self.tracer = self.tracer.trace(), None
+        traced = merge_trace(self.plan, trace, bn_rectification, not_run_note=(
+            "did not run in the first training step: no BN rectification for it"))
+        self.ranks = {n: r for n, r in self.ranks.items() if n not in traced.skipped}
+        messages = [skip_message("LowRankProjectionCallback", traced.skipped, traced.notes)]
+        if not trace.pairs and any(isinstance(m, _BatchNorm) for m in model.modules()):
+            messages.append("no conv feeds a BatchNorm directly in the first training step (a "
+                            "compiled model hides its data flow from hooks); BN rectification "
+                            "is off. Set bn_rectification=False to silence this.")
+        if self.inputs is not None and self.inputs.problem:
+            messages.append(f"{self.inputs.problem}; the compression report is skipped")
+        return [m for m in messages if m]
+
+    def remove_hooks(self) -> None:
+        for hooks in (self.inputs, self.tracer):
+            if hooks is not None:
+                hooks.__exit__()
+        self.tracer = None
 
 
 class LowRankProjectionCallback(Callback):
@@ -55,115 +123,92 @@ class LowRankProjectionCallback(Callback):
 
     SGD runs at full size; on schedule, every targeted weight matrix is projected onto rank
     ``r`` by truncated SVD, with energy transfer and BN rectification, written into the same
-    Parameter objects (the optimizer and its momentum are untouched). At the end of fit a
-    final projection makes the weights exactly low rank, and a compression report (FLOPs
-    and parameters of the two-thin-layer model) is logged, printed and written to
+    Parameter objects (the optimizer and its momentum are untouched). At fit end a final
+    projection makes the weights exactly low rank, and a compression report (FLOPs and
+    parameters of the two-thin-layer model) is logged, printed and written to
     ``<trainer.log_dir>/compression_report.json``.
 
-    - The layers are planned, and the BatchNorm following each conv is traced, during the
-      first training step itself: no extra forward pass.
-    - Epoch schedule: the projection runs on the epoch's last batch, before validation and
-      checkpointing, so that epoch's metrics and checkpoints see the projected weights.
-      Step schedule: right after an optimizer step (never on an accumulating batch).
-      Override :meth:`should_project` for any other schedule.
-    - Logged through the trainer's loggers: ``lrpet/projection_time_s``,
-      ``lrpet/num_projections``, ``lrpet/mean_kept_energy``, ``lrpet/mean_relative_change``
-      (and per layer with ``log_per_layer``), then ``lrpet/flops_reduction`` and
-      ``lrpet/params_reduction`` at fit end.
-    - FLOPs / parameter budgets instead of ``rank_ratio``: ``target_flops_reduction=0.8``
-      (or ``target_params_reduction``) has the ranks solved so that the decomposed model
-      has that much fewer FLOPs (parameters), within a fraction of a point above. With
-      ``allocation="uniform"`` (one rank ratio; depends only on the layers' shapes) they
-      are solved at the first projection. With ``allocation="spectrum"`` (per-layer ranks
-      from the BN-rectified singular value spectra, keeping the most energy per FLOP in the
-      product of the layers' kept fractions) the
-      first ``budget_warmup_epochs`` epochs train at full rank without projection, and the
-      ranks are solved at the first projection after them (or at fit end, if training
-      ends sooner). Either way they are solved once, then frozen and checkpointed
+    - The layers are planned, and the BatchNorm after each conv traced, during the first
+      training step itself: no extra forward pass.
+    - Epoch schedule: on the epoch's last batch, before validation and checkpointing, so that
+      epoch's metrics and checkpoints see the projected weights. Step schedule: right after
+      an optimizer step (never on an accumulating batch). Override :meth:`should_project`
+      for any other schedule.
+    - Logged: ``lrpet/projection_time_s``, ``lrpet/num_projections``,
+      ``lrpet/mean_kept_energy``, ``lrpet/mean_relative_change`` (per layer too with
+      ``log_per_layer``), then ``lrpet/flops_reduction`` and ``lrpet/params_reduction``.
+    - Budgets instead of ``rank_ratio``: ``target_flops_reduction=0.8`` (or
+      ``target_params_reduction``) solves the ranks so that the decomposed model has that
+      much fewer FLOPs (parameters), within a fraction of a point above. ``"uniform"``
+      allocation (one rank ratio, from the layers' shapes) is solved at the first
+      projection; ``"spectrum"`` (per-layer ranks from the BN-rectified spectra) trains
+      ``budget_warmup_epochs`` epochs at full rank first and is solved at the first
+      projection after them (or at fit end). The ranks are then frozen and checkpointed
       (``budget_ranks``), so a resumed run keeps them. FLOPs are counted on one sample of
       the first training batch.
-    - Checkpointed state (one entry per ``state_key``, so several instances can coexist):
-      the projection counters, ``ranks`` (``{layer: planned rank}``), ``budget_ranks``
-      (the solved budget ranks, or None) and ``decomposed_ranks`` (the saved module's
-      thin layers). To load a checkpoint saved
-      after decomposition into a fresh dense model, rebuild first:
+    - Checkpointed (one entry per ``state_key``, so several instances can coexist): the
+      projection counters, ``ranks`` (``{layer: rank}``, also :attr:`ranks`),
+      ``budget_ranks`` and ``decomposed_ranks`` (the saved module's thin layers). To load a
+      decomposed checkpoint into a dense model without this callback, rebuild first:
       ``decompose_(model, ranks=state["decomposed_ranks"]); model.load_state_dict(...)``.
-    - Works with DDP, AMP and ``bf16-true`` (the SVD runs in float32), and with a model
-      or network compiled by ``torch.compile``. FSDP, DeepSpeed and ModelParallel shard
+    - Works with DDP, AMP and ``bf16-true`` (the SVD runs in float32), and with a model or
+      network compiled by ``torch.compile``. FSDP, DeepSpeed and ModelParallel shard
       parameters and are refused in ``setup``.
-
-    The maths keywords are those of :func:`lrpet_lightning.project_low_rank_`.
 
     Args:
         rank_ratio: kept fraction of each layer's full rank, in (0, 1].
         ranks: ``{module-name pattern: ratio (float) or rank (int)}`` overrides.
         energy_transfer, residual_scale, bn_rectification, include_linear, include,
-            exclude, min_rank, svd_method: as in ``project_low_rank_``.
+            exclude, min_rank, svd_method: as in :func:`lrpet_lightning.project_low_rank_`.
         target_flops_reduction: a FLOPs budget instead of ``rank_ratio`` (give
-            ``rank_ratio=None``): the fraction of the model's FLOPs the decomposed model
-            sheds, in (0, 1).
+            ``rank_ratio=None``): the fraction of FLOPs the decomposed model sheds, in (0, 1).
         target_params_reduction: the same for parameters (one budget at most).
         allocation: ``"uniform"`` or ``"spectrum"``: how the budget is shared by the layers
             (see :func:`lrpet_lightning.solve_ranks`). Ignored without a budget.
-        budget_warmup_epochs: a ``"spectrum"`` budget is solved at the first projection
-            after at least this many epochs of training at full rank, without projection
-            (its ranks come from the trained weights). Default 1: at the end of the first
-            epoch with the epoch schedule, at the first projection of the second epoch with
-            the step schedule.
+        budget_warmup_epochs: epochs of training at full rank before a ``"spectrum"``
+            budget is solved (default 1: at the end of the first epoch with the epoch
+            schedule, at the first projection of the second epoch with the step schedule).
         every_n_epochs: project at the end of every n-th training epoch (CIFAR recipe: 1).
             Default 1 unless ``every_n_train_steps`` is given.
         every_n_train_steps: project after every n-th optimizer step, counted on
             ``trainer.global_step`` so gradient accumulation is right (ImageNet recipe: 250).
         start: no scheduled projection before this epoch (epoch schedule, 0-based) or
-            optimizer step (step schedule) — a warm-up at full rank.
+            optimizer step (step schedule): a warm-up at full rank.
         stop: no scheduled projection from this epoch / step on (None: until the end).
         final_projection: project once more when training ends, so the trained model is
-            exactly low rank. It truncates *without* energy transfer and with
-            ``residual_scale=0``: energy transfer exists to keep gradients healthy *during*
-            training; after the last step it would only rescale the weights against BN
-            running statistics that can no longer adapt, while plain truncation is the
-            closest rank-r model (Eckart-Young). Skipped when the last scheduled projection
-            already ran after the last optimizer step with ``residual_scale=0``.
-        decompose_on_fit_end: replace each projected layer by its two thin layers in place
-            when training ends. Checkpoints saved before that (e.g. ``"best"``) hold dense
-            weights; they still load into the decomposed module (each factorized layer
-            splits a dense weight it is given), so ``trainer.test(ckpt_path="best")`` works.
+            exactly low rank: plain truncation (no energy transfer, ``residual_scale=0``),
+            the closest rank-r model (Eckart-Young); energy transfer only helps gradients
+            *during* training. Skipped when the last scheduled projection already ran after
+            the last optimizer step with ``residual_scale=0``.
+        decompose_on_fit_end: replace each projected layer by its two thin layers when
+            training ends. Checkpoints saved before (e.g. ``"best"``) hold dense weights;
+            they still load into the decomposed module, so ``trainer.test(ckpt_path="best")``
+            works.
         log_per_layer: also log each layer's kept energy and relative change.
         report: compute, print and save the compression report at fit end.
 
     Raises:
-        ValueError, TypeError: a bad argument (named in the message), at construction.
+        TypeError: an argument of the wrong type (``every_n_epochs="2"``), at construction.
+        ValueError: an argument out of range (``every_n_epochs=0``), or two schedules.
         MisconfigurationException: in ``setup``, for a strategy that shards parameters.
 
-    Example:
-        >>> trainer = L.Trainer(callbacks=[LowRankProjectionCallback(rank_ratio=0.25)])
-        >>> trainer.fit(model, datamodule)
+    Example::
+
+        trainer = L.Trainer(callbacks=[LowRankProjectionCallback(rank_ratio=0.25)])
+        trainer.fit(model, datamodule)
     """
 
     def __init__(
-        self,
-        rank_ratio: float | None = None,
-        ranks: Mapping[str, float | int] | None = None,
-        energy_transfer: bool = True,
-        residual_scale: float = 0.0,
-        bn_rectification: bool = True,
-        include_linear: bool = False,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
-        min_rank: int = 1,
-        svd_method: str = "gram",
+        self, rank_ratio: float | None = None, ranks: Mapping[str, float | int] | None = None,
+        energy_transfer: bool = True, residual_scale: float = 0.0, bn_rectification: bool = True,
+        include_linear: bool = False, include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None, min_rank: int = 1, svd_method: str = "gram",
         target_flops_reduction: float | None = None,
-        target_params_reduction: float | None = None,
-        allocation: str = "uniform",
-        budget_warmup_epochs: int = 1,
-        every_n_epochs: int | None = None,
-        every_n_train_steps: int | None = None,
-        start: int = 0,
-        stop: int | None = None,
-        final_projection: bool = True,
-        decompose_on_fit_end: bool = False,
-        log_per_layer: bool = False,
-        report: bool = True,
+        target_params_reduction: float | None = None, allocation: str = "uniform",
+        budget_warmup_epochs: int = 1, every_n_epochs: int | None = None,
+        every_n_train_steps: int | None = None, start: int = 0, stop: int | None = None,
+        final_projection: bool = True, decompose_on_fit_end: bool = False,
+        log_per_layer: bool = False, report: bool = True,
     ) -> None:
         super().__init__()
         self.config = LowRankConfig(
@@ -174,59 +219,58 @@ class LowRankProjectionCallback(Callback):
             target_flops_reduction=target_flops_reduction,
             target_params_reduction=target_params_reduction, allocation=allocation,
         )
-        _check_schedule_int("budget_warmup_epochs", budget_warmup_epochs, 0, optional=False)
+        self.budget_warmup_epochs = check_int("budget_warmup_epochs", budget_warmup_epochs, 0)
         if every_n_epochs is not None and every_n_train_steps is not None:
             raise ValueError(
                 f"every_n_epochs={every_n_epochs!r} and every_n_train_steps="
                 f"{every_n_train_steps!r} are both set; choose one schedule"
             )
-        _check_schedule_int("every_n_epochs", every_n_epochs, 1)
-        _check_schedule_int("every_n_train_steps", every_n_train_steps, 1)
-        _check_schedule_int("start", start, 0, optional=False)
-        _check_schedule_int("stop", stop, 1)
+        every_n_epochs = check_int("every_n_epochs", every_n_epochs, 1, optional=True)
+        self.every_n_train_steps = check_int("every_n_train_steps", every_n_train_steps, 1,
+                                             optional=True)
+        self.every_n_epochs = every_n_epochs or (None if every_n_train_steps else 1)
+        self.start = check_int("start", start, 0)
+        self.stop = check_int("stop", stop, 1, optional=True)
         if stop is not None and stop <= start:
             raise ValueError(f"stop must be greater than start={start}, got {stop!r}")
-        for flag, value in (("final_projection", final_projection),
-                            ("decompose_on_fit_end", decompose_on_fit_end),
-                            ("log_per_layer", log_per_layer), ("report", report)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
-        self.budget_warmup_epochs = budget_warmup_epochs
-        self.every_n_train_steps = every_n_train_steps
-        self.every_n_epochs = every_n_epochs or (None if every_n_train_steps else 1)
-        self.start, self.stop = start, stop
-        self.final_projection = final_projection
-        self.decompose_on_fit_end = decompose_on_fit_end
-        self.log_per_layer = log_per_layer
-        self.report = report
+        self.final_projection = check_bool("final_projection", final_projection)
+        self.decompose_on_fit_end = check_bool("decompose_on_fit_end", decompose_on_fit_end)
+        self.log_per_layer = check_bool("log_per_layer", log_per_layer)
+        self.report = check_bool("report", report)
 
-        # Run-time state; the counters are saved in checkpoints.
+        # Run-time state: the counters are checkpointed and run on across fits.
         self.num_projections = 0
         self.last_projected_step = -1
         self.last_projected_epoch = -1
+        #: The records of the last projection (see also :attr:`records`).
         self.last_records: list[LayerRecord] = []
-        #: The records of this fit's first projection (not checkpointed: a diagnostic).
-        self.first_records: list[LayerRecord] = []
+        #: The compression report of the last fit (None until one is made).
         self.compression: CompressionReport | None = None
-        self._layers: list[TargetLayer] | None = None
-        # {layer name: rank} of the plan; outlives the plan's modules (decomposition).
-        self._ranks: dict[str, int] = {}
-        # A budget's solved ranks (None until solved); frozen once solved, checkpointed.
-        self._budget_ranks: dict[str, int] | None = None
-        #: What the budget solver found (this process only; the ranks are checkpointed).
-        self.budget_solution: RankSolution | None = None
-        self._tracer: BNPairTracer | None = None
-        self._example_inputs: Any = None
-        self._input_hook: Any = None
         self._hooked: nn.Module | None = None  # the module whose loads match checkpoints
-        self._step_at_batch_start = -1
-        self._traced = False
-        self._projected_this_epoch = False
-        # True while the weights are exactly low rank: projected with residual_scale=0 and
-        # no optimizer step since. Per fit, so a callback reused by a new Trainer is right.
-        self._exact = False
+        self._fit = _FitState()
 
     # ------------------------------------------------------------------ identity / state
+    @property
+    def ranks(self) -> dict[str, int]:
+        """``{layer: rank}`` the layers are projected (and decomposed) at: the checkpointed
+        ``state_dict()["ranks"]``. Empty before planning, and while a budget is unsolved."""
+        return dict(self._fit.ranks)
+
+    @property
+    def records(self) -> list[LayerRecord]:
+        """The :class:`LayerRecord` of every layer at the last projection."""
+        return list(self.last_records)
+
+    @property
+    def first_records(self) -> list[LayerRecord]:
+        """The records of this fit's first projection (a diagnostic: not checkpointed)."""
+        return self._fit.first_records
+
+    @property
+    def budget_solution(self) -> RankSolution | None:
+        """What the budget solver found in this fit (this process only; not checkpointed)."""
+        return self._fit.budget_solution
+
     @property
     @override
     def state_key(self) -> str:
@@ -244,43 +288,38 @@ class LowRankProjectionCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        budget_ranks = self._fit.budget_ranks
         return {
             "num_projections": self.num_projections,
             "last_projected_step": self.last_projected_step,
             "last_projected_epoch": self.last_projected_epoch,
-            # The planned rank of every projected layer, by module name.
-            "ranks": dict(self._ranks),
+            "ranks": self.ranks,
             # A budget's ranks once solved (None before): a resumed run keeps them.
-            "budget_ranks": None if self._budget_ranks is None else dict(self._budget_ranks),
+            "budget_ranks": None if budget_ranks is None else dict(budget_ranks),
+            # The module's own thin layers (not restored state: a dense "best" checkpoint
+            # loaded into the decomposed module leaves it decomposed).
+            "decomposed_ranks": {} if self._hooked is None else decomposed_ranks(self._hooked),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # "decomposed_ranks" is not read back: a load rebuilds the thin layers from the
+        # weights' shapes (_match_checkpoint), also in trainer.test, which restores no callback.
         self.num_projections = state_dict["num_projections"]
         self.last_projected_step = state_dict["last_projected_step"]
         self.last_projected_epoch = state_dict["last_projected_epoch"]
-        self._ranks = dict(state_dict.get("ranks", {}))
+        self._fit.ranks = dict(state_dict.get("ranks", {}))
         budget_ranks = state_dict.get("budget_ranks")
-        self._budget_ranks = None if budget_ranks is None else dict(budget_ranks)
+        self._fit.budget_ranks = None if budget_ranks is None else dict(budget_ranks)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        # The saved module's thin layers, read off the module itself (not restored state: a
-        # dense "best" checkpoint loaded into the decomposed module leaves it decomposed).
-        # Rebuild before loading: decompose_(model, ranks=...); model.load_state_dict(...).
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        decomposed = decomposed_ranks(pl_module)
-        if state is not None:
-            state["decomposed_ranks"] = decomposed
-        if decomposed and checkpoint.get("optimizer_states"):
-            # Saved after decompose_on_fit_end (ModelCheckpoint's on_train_end runs after
-            # ours): the optimizers still hold the dense parameters, which the module no
-            # longer has. Their state would not load into the thin model's optimizers.
-            live = {id(p) for p in pl_module.parameters()}
-            if any(id(p) not in live for opt in trainer.optimizers
-                   for group in opt.param_groups for p in group["params"]):
-                checkpoint["optimizer_states"] = []
+        # Saved after decompose_on_fit_end (ModelCheckpoint's on_train_end runs after ours):
+        # the optimizers' dense parameters are gone and their state would not load.
+        if checkpoint.get("optimizer_states") and not optimizers_match(pl_module,
+                                                                       trainer.optimizers):
+            checkpoint["optimizer_states"] = []
 
     # ------------------------------------------------------------------------ schedule
     def should_project(self, step: int, epoch: int) -> bool:
@@ -295,6 +334,16 @@ class LowRankProjectionCallback(Callback):
         return ((epoch + 1) % self.every_n_epochs == 0 and epoch >= self.start
                 and (self.stop is None or epoch < self.stop))
 
+    def _budget_pending(self, trainer: pl.Trainer) -> bool:
+        """Whether a spectrum budget is still in its warm-up (no projection yet)."""
+        if self.config.budget is None or self._fit.budget_ranks is not None:
+            return False
+        if self.config.allocation != "spectrum":
+            return False
+        # An epoch-end projection comes after the epoch; a step one within it.
+        done = trainer.current_epoch + (1 if self.every_n_train_steps is None else 0)
+        return done < self.budget_warmup_epochs
+
     # ---------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -308,9 +357,7 @@ class LowRankProjectionCallback(Callback):
             return  # the rest only acts while fitting
         # Plan afresh in every fit: this one may train another model. (A resumed fit gets
         # its budget ranks back from the checkpoint, which is restored after setup.)
-        self._layers, self._example_inputs, self._exact = None, None, False
-        self._budget_ranks, self.budget_solution = None, None
-        self.first_records = []
+        self._fit = _FitState()
         # Match on the class hierarchy's names so subclasses of these strategies are refused
         # too, without importing optional backends (deepspeed) just to check.
         names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
@@ -324,65 +371,62 @@ class LowRankProjectionCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Plan here, after configure_model and before the first step, so that a pattern
-        # that matches nothing fails before any training time is spent.
-        config = self.config if self.config.budget is None else budget_selection(self.config)
+        # that matches nothing fails before any training time is spent. (For a budget:
+        # every targeted layer at full rank until the budget is solved.)
+        fit = self._fit
         try:
-            # (for a budget: every targeted layer at full rank until the budget is solved)
-            selection = select(pl_module, config)
+            fit.plan = select_plan(pl_module, self.config)
         except ValueError:
             if not decomposed_ranks(pl_module):
                 raise
             # A relaunch of a run that was decomposed at fit end (the checkpoint holds thin
             # layers): they are rank r by construction, and nothing is left to project.
-            selection = Selection([])
+            fit.plan = LayerPlan([])
             rank_zero_info("LRPET: the model is already decomposed into thin layers; "
                            "nothing is left to project")
-        self._check_overlap(trainer, selection.layers)
-        self._layers = selection.layers
-        if selection.skipped:
+        self._check_overlap(trainer, fit.layers)
+        if fit.plan.skipped:
             rank_zero_warn("LRPET: " + skip_message("LowRankProjectionCallback",
-                                                     selection.skipped))
-        if self.config.budget is not None and self._budget_ranks is not None and self._layers:
-            self._apply_budget_ranks(self._budget_ranks)  # restored from a checkpoint: frozen
-        self._ranks = ({} if self.config.budget is not None and self._budget_ranks is None
-                       else {layer.name: layer.rank for layer in self._layers})
-        self._traced = not self._layers  # nothing to trace when nothing is planned
-        n = len(self._layers)
-        rank_zero_info(f"LRPET: projecting {n} layer(s) "
+                                                     fit.plan.skipped))
+        if self.config.budget is not None and fit.budget_ranks is not None and fit.layers:
+            # Restored from a checkpoint: frozen.
+            set_ranks(fit.layers, fit.budget_ranks,
+                      "LRPET: the budget ranks restored from the checkpoint")
+        unsolved = self.config.budget is not None and fit.budget_ranks is None
+        fit.ranks = {} if unsolved else fit.plan.ranks
+        fit.traced = not fit.layers  # nothing to trace when nothing is planned
+        rank_zero_info(f"LRPET: projecting {len(fit.layers)} layer(s) "
                        + (f"every {self.every_n_train_steps} optimizer step(s)"
                           if self.every_n_train_steps else f"every {self.every_n_epochs} epoch(s)"))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
-        self._step_at_batch_start = trainer.global_step
-        if self._traced or self._layers is None:
+        fit = self._fit
+        fit.step_at_batch_start = trainer.global_step
+        if fit.traced or fit.plan is None:
             return
-        # Trace conv->BN pairs during this very training step: no extra forward pass.
-        self._traced = True
-        # The tracer also finds layers whose .weight their parent reads (kept dense).
-        self._tracer = BNPairTracer(pl_module, self._layers).__enter__()
+        # Trace conv->BN pairs during this very training step: no extra forward pass; and
+        # keep one sample of the network's input, for counting FLOPs.
         counts_flops = self.config.budget is not None and self.config.budget[0] == "flops"
-        if (self.report or counts_flops) and self._example_inputs is None:
-            root = self._report_root(pl_module)
-            self._input_hook = root.register_forward_pre_hook(self._capture_inputs,
-                                                              with_kwargs=True)
+        fit.start_tracing(pl_module, self._network(pl_module).called
+                          if self.report or counts_flops else None)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         self._finish_tracing(pl_module)
-        step, epoch = trainer.global_step, trainer.current_epoch
+        fit, step, epoch = self._fit, trainer.global_step, trainer.current_epoch
         # Under gradient accumulation most batches do not step the optimizer, and
         # global_step stays put (at 0 before the first step).
-        stepped = step != self._step_at_batch_start
+        stepped = step != fit.step_at_batch_start
         if stepped:
-            self._exact = False
+            fit.exact = False
         if self.every_n_train_steps is not None:
             # Right after a step, once, if a scheduled step was reached or crossed (several
             # optimizers in manual optimization advance global_step by more than one).
             if stepped and any(self.should_project(t, epoch)
-                               for t in range(self._step_at_batch_start + 1, step + 1)):
+                               for t in range(fit.step_at_batch_start + 1, step + 1)):
                 self._project(trainer, pl_module)
         elif trainer.is_last_batch:
             # Project on the epoch's last batch, before validation and checkpointing run,
@@ -391,7 +435,7 @@ class LowRankProjectionCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._projected_this_epoch = False
+        self._fit.projected_this_epoch = False
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -402,20 +446,21 @@ class LowRankProjectionCallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        self._remove_hooks()  # a fit that failed in its first step left them behind
+        self._fit.remove_hooks()  # a fit that failed in its first step left them behind
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
+        self._fit.remove_hooks()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish_tracing(pl_module)
-        if not self._layers or not self._traced:  # no training step ran, or nothing planned
+        fit = self._fit
+        if not fit.layers or not fit.traced:  # no training step ran, or nothing planned
             return
-        if self.config.budget is not None and self._budget_ranks is None:
+        if self.config.budget is not None and fit.budget_ranks is None:
             self._solve_budget(trainer, pl_module)  # training ended within the warm-up
-        if self.final_projection and not self._exact:
+        if self.final_projection and not fit.exact:
             final = dataclasses.replace(self.config, energy_transfer=False, residual_scale=0.0)
             self._project(trainer, pl_module, config=final, final=True)
         if self.report:
@@ -427,9 +472,9 @@ class LowRankProjectionCallback(Callback):
                            "(the main process only gets dense weights back); the weights are "
                            "exactly low rank: call decompose_(model) after fit")
         elif self.decompose_on_fit_end:
-            decomposed = decompose_(pl_module, ranks=self._ranks,
+            decomposed = decompose_(pl_module, ranks=fit.ranks,
                                     include_linear=self.config.include_linear)
-            self._layers = None  # the planned modules were replaced
+            fit.plan = None  # the planned modules were replaced
             rank_zero_info(f"LRPET: decomposed {len(decomposed)} layer(s) into thin pairs")
 
     # ------------------------------------------------------------------------ internals
@@ -437,114 +482,51 @@ class LowRankProjectionCallback(Callback):
         """Refuse two LRPET callbacks projecting the same layer (each would fight the other's
         ranks, and the second decomposition would find the layer gone)."""
         mine = {id(layer.module): layer.name for layer in layers}
-        for other in trainer.callbacks:
-            if other is self or not isinstance(other, LowRankProjectionCallback):
-                continue
-            shared = [mine[id(layer.module)] for layer in other._layers or []
-                      if id(layer.module) in mine]
-            if shared:
-                raise MisconfigurationException(
-                    f"two LowRankProjectionCallback instances target the same layers "
-                    f"({', '.join(shared[:4])}{', ...' if len(shared) > 4 else ''}); give them "
-                    "disjoint include/exclude patterns"
-                )
+        shared = [mine[id(x.module)] for other in trainer.callbacks if other is not self
+                  and isinstance(other, LowRankProjectionCallback)
+                  for x in other._fit.layers if id(x.module) in mine]
+        if shared:
+            raise MisconfigurationException(
+                f"two LowRankProjectionCallback instances target the same layers "
+                f"({', '.join(shared[:4])}{', ...' if len(shared) > 4 else ''}); give them "
+                "disjoint include/exclude patterns")
 
     def _maybe_project_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._projected_this_epoch and self.should_project(trainer.global_step,
-                                                                  trainer.current_epoch):
+        if not self._fit.projected_this_epoch and self.should_project(trainer.global_step,
+                                                                      trainer.current_epoch):
             self._project(trainer, pl_module)
-            self._projected_this_epoch = True
-
-    def _remove_input_hook(self) -> None:
-        if self._input_hook is not None:
-            self._input_hook.remove()
-            self._input_hook = None
-
-    def _remove_hooks(self) -> None:
-        self._remove_input_hook()
-        if self._tracer is not None:
-            self._tracer.__exit__()
-            self._tracer = None
+            self._fit.projected_this_epoch = True
 
     def _finish_tracing(self, pl_module: pl.LightningModule) -> None:
-        self._remove_input_hook()
-        if self._tracer is None:
-            return
-        self._tracer.__exit__()
-        trace = self._tracer.trace()
-        self._tracer = None
-        plan = LayerPlan(self._layers or [])
-        apply_trace(plan, trace, self.config.bn_rectification)
-        if trace.ran:  # hooks fire (not a compiled model): name the layers that did not run
-            for layer in plan.layers:
-                if layer.name not in trace.ran:
-                    plan.notes[layer.name] = ("did not run in the first training step: no BN "
-                                              "rectification for it")
-        self._layers = plan.layers
-        self._ranks = {n: r for n, r in self._ranks.items() if n not in plan.skipped}
-        message = skip_message("LowRankProjectionCallback", plan.skipped, plan.notes)
-        if message:
+        for message in self._fit.finish_tracing(pl_module, self.config.bn_rectification):
             rank_zero_warn("LRPET: " + message)
-        if not trace.pairs and any(isinstance(m, _BatchNorm) for m in pl_module.modules()):
-            rank_zero_warn("LRPET: no conv feeds a BatchNorm directly in the first training "
-                           "step (a compiled model hides its data flow from hooks); BN "
-                           "rectification is off. Set bn_rectification=False to silence this.")
 
-    def _capture_inputs(self, module: nn.Module, args: tuple[Any, ...],
-                        kwargs: dict[str, Any]) -> None:
-        # One sample of the model's input, for counting FLOPs at fit end.
-        self._remove_input_hook()
-        args, kwargs = _first_sample(args), _first_sample(kwargs)
-        if kwargs and args:
-            rank_zero_warn("LRPET: the model takes positional and keyword inputs; the "
-                           "compression report only replays one kind and is skipped")
-            return
-        self._example_inputs = kwargs or args
-
-    def _budget_pending(self, trainer: pl.Trainer) -> bool:
-        """Whether a spectrum budget is still in its warm-up (no projection yet)."""
-        if self.config.budget is None or self._budget_ranks is not None:
-            return False
-        if self.config.allocation != "spectrum":
-            return False
-        # An epoch-end projection comes after the epoch; a step one within it.
-        done = trainer.current_epoch + (1 if self.every_n_train_steps is None else 0)
-        return done < self.budget_warmup_epochs
-
-    def _apply_budget_ranks(self, ranks: Mapping[str, int]) -> None:
-        layers = self._layers or []
-        if {layer.name for layer in layers} != set(ranks):
-            raise ValueError(
-                "LRPET: the budget ranks restored from the checkpoint name other layers than "
-                f"this model's targeted ones: {sorted(ranks)[:4]}... vs "
-                f"{[layer.name for layer in layers][:4]}..."
-            )
-        for layer in layers:
-            layer.rank = int(ranks[layer.name])
+    def _network(self, pl_module: pl.LightningModule) -> Network:
+        """The network FLOPs are counted on: the LightningModule's child holding every
+        targeted layer (``self.model``, ``self.net``...), else the module itself."""
+        return find_network(pl_module, self._fit.ranks or [x.name for x in self._fit.layers])
 
     def _solve_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Solve the budget once, on the current weights, and freeze the ranks."""
-        root, prefix = self._network(pl_module)
-        strip = len(prefix) + 1 if prefix else 0
-        # The live layers (their weights and traced BatchNorms), named relative to the
-        # network; FLOPs are counted on a copy (the live forward may have side effects).
-        layers = [dataclasses.replace(layer, name=layer.name[strip:])
-                  for layer in self._layers or []]
-        self.budget_solution = solve_ranks_for_layers(
-            copy.deepcopy(root), layers, self.config, self._example_inputs)
-        ranks = {prefix + "." + n if prefix else n: r
-                 for n, r in self.budget_solution.ranks.items()}
+        fit, network = self._fit, self._network(pl_module)
+        # The live layers, named relative to the network; FLOPs are counted on a copy (the
+        # live forward may have side effects).
+        fit.budget_solution = solve_ranks_for_layers(
+            copy.deepcopy(network.eager), network.local_layers(fit.layers), self.config,
+            self._fit.example_inputs)
+        ranks = network.qualified(fit.budget_solution.ranks)
         # One decision for every replica, whatever their SVD round-off.
-        self._budget_ranks = dict(trainer.strategy.broadcast(ranks, src=0))
-        self._apply_budget_ranks(self._budget_ranks)
-        self._ranks = dict(self._budget_ranks)
+        fit.budget_ranks = dict(trainer.strategy.broadcast(ranks, src=0))
+        set_ranks(fit.layers, fit.budget_ranks, "LRPET: the broadcast budget ranks")
+        fit.ranks = dict(fit.budget_ranks)
         rank_zero_info(f"LRPET budget solved (epoch {trainer.current_epoch}, step "
                        f"{trainer.global_step}), ranks now frozen: "
-                       f"{self.budget_solution.summary()}")
+                       f"{fit.budget_solution.summary()}")
 
     def _project(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                  config: LowRankConfig | None = None, final: bool = False) -> None:
-        if self.config.budget is not None and self._budget_ranks is None:
+        fit = self._fit
+        if self.config.budget is not None and fit.budget_ranks is None:
             if not final and self._budget_pending(trainer):
                 return  # warm-up at full rank: the spectra are not worth reading yet
             self._solve_budget(trainer, pl_module)
@@ -552,81 +534,38 @@ class LowRankProjectionCallback(Callback):
         t0 = time.perf_counter()
         # Under DDP each layer is projected once, by one rank, and broadcast: the replicas
         # stay bitwise identical and the SVD work is shared (a plain call otherwise).
-        records = project_layers_distributed_(self._layers or [], config)
+        records = project_layers_distributed_(fit.layers, config)
         seconds = time.perf_counter() - t0
         # Exactly low rank only if no layer failed (a transient SVD failure at the last
         # scheduled projection must not skip the final one).
-        self._exact = config.residual_scale == 0.0 and all(
-            r.skipped in (None, "rank >= full rank", "all-zero layer") for r in records)
+        fit.exact = config.residual_scale == 0.0 and all(r.skipped in _EXACT_SKIPS
+                                                         for r in records)
         self.last_records = records
-        self.first_records = self.first_records or records
+        fit.first_records = fit.first_records or records
         self.num_projections += 1
         self.last_projected_step = trainer.global_step
         self.last_projected_epoch = trainer.current_epoch
-        done = [r for r in records if r.skipped is None]
-        metrics = {
-            "lrpet/projection_time_s": seconds,
-            "lrpet/num_projections": float(self.num_projections),
-            "lrpet/mean_kept_energy": sum(r.kept_energy for r in done) / max(len(done), 1),
-            "lrpet/mean_relative_change": (sum(r.relative_change for r in done)
-                                           / max(len(done), 1)),
-        }
-        if self.log_per_layer:
-            for r in done:
-                metrics[f"lrpet/kept_energy/{r.name}"] = r.kept_energy
-                metrics[f"lrpet/relative_change/{r.name}"] = r.relative_change
+        metrics = {"lrpet/projection_time_s": seconds,
+                   "lrpet/num_projections": float(self.num_projections),
+                   **{f"lrpet/{k}": v for k, v in projection_summary(
+                       records, self.log_per_layer).items()}}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if final:
-            rank_zero_info(f"LRPET: final projection of {len(done)} layer(s) in {seconds:.2f} s")
-
-    def _report_root(self, pl_module: pl.LightningModule) -> nn.Module:
-        """The network whose input the report counts FLOPs on: the LightningModule's child
-        holding every targeted layer (``self.model``, ``self.net``...), else the module."""
-        names = self._ranks or [layer.name for layer in self._layers or []]
-        heads = {name.split(".")[0] for name in names}
-        if len(heads) == 1:
-            child = pl_module.get_submodule(heads.pop())
-            if not any(layer.module is child for layer in self._layers or []):
-                return child
-        return pl_module
-
-    def _network(self, pl_module: pl.LightningModule) -> tuple[nn.Module, str]:
-        """The network FLOPs are counted on, and its qualified name in ``pl_module``."""
-        root = self._report_root(pl_module)
-        # A torch.compile'd net: count FLOPs on the eager module it wraps (no recompiling).
-        root = getattr(root, "_orig_mod", root)
-        return root, next(n for n, m in pl_module.named_modules() if m is root)
-
-    def _compression_report(self, pl_module: pl.LightningModule) -> CompressionReport:
-        root, prefix = self._network(pl_module)
-        strip = len(prefix) + 1 if prefix else 0
-        ranks = {name[strip:]: rank for name, rank in self._ranks.items()}
-        # Count on copies: running the live model would fire its hooks and whatever side
-        # effects its forward has, after training.
-        dense = copy.deepcopy(root)
-        compact = copy.deepcopy(root)
-        with warnings.catch_warnings():  # the notes of decompose_ belong to the real one
-            warnings.simplefilter("ignore")
-            decompose_(compact, ranks=ranks, include_linear=self.config.include_linear)
-        report = compression_report(dense, compact, self._example_inputs)
-        if not prefix:
-            return report
-        # One name per layer: the rows carry the names the callback uses everywhere else
-        # (records, checkpointed ranks, the ranks/include/exclude patterns).
-        return dataclasses.replace(
-            report, layers=[dataclasses.replace(row, name=f"{prefix}.{row.name}")
-                            for row in report.layers],
-            uncounted={f"{prefix}.{n}" if n else prefix: p for n, p in report.uncounted.items()})
+            done = sum(r.skipped is None for r in records)
+            rank_zero_info(f"LRPET: final projection of {done} layer(s) in {seconds:.2f} s")
 
     def _write_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: on every rank
-        if self._example_inputs is None:
+        if self._fit.example_inputs is None:
             rank_zero_warn("LRPET: no model input was seen during training; the compression "
                            "report is skipped")
             return
-        try:
-            self.compression = self._compression_report(pl_module)
+        network = self._network(pl_module)
+        try:  # counted on copies of the network, named as the records are
+            self.compression = rank_report(
+                network.eager, network.local(self._fit.ranks), self._fit.example_inputs,
+                include_linear=self.config.include_linear).qualified(network.prefix)
         except Exception as err:  # noqa: BLE001 - a report must not fail a finished training
             rank_zero_warn(f"LRPET: the compression report failed and is skipped: "
                            f"{type(err).__name__}: {err}")
@@ -635,8 +574,7 @@ class LowRankProjectionCallback(Callback):
             rank_zero_info("LRPET compression report:\n" + self.compression.format_table())
             path = os.path.join(log_dir, "compression_report.json")
             try:
-                with atomic_write(path) as f:
-                    json.dump(self.compression.to_dict(), f, indent=2)
+                self.compression.save(path)
             except OSError as err:  # a read-only log dir must not lose the decomposition
                 rank_zero_warn(f"LRPET: the compression report could not be written to {path}:"
                                f" {type(err).__name__}: {err}")
@@ -658,14 +596,3 @@ def _match_checkpoint(module: nn.Module, state_dict: Mapping[str, Any], prefix: 
     if decomposed:
         rank_zero_info(f"LRPET: decomposed {len(decomposed)} layer(s) to load a checkpoint "
                        "of a decomposed model")
-
-
-def _first_sample(inputs: Any) -> Any:
-    """The first sample of a batch (``t[:1]`` of every tensor, detached), in the same nesting."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[:1].detach().clone() if inputs.dim() > 0 else inputs.detach().clone()
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_first_sample(x) for x in inputs)
-    if isinstance(inputs, Mapping):
-        return {k: _first_sample(v) for k, v in inputs.items()}
-    return inputs

@@ -3,13 +3,14 @@
 Matplotlib is imported lazily (Agg backend, no display needed), so importing this module
 costs nothing until a figure is drawn. The spectra helpers are plain PyTorch.
 
-Example:
-    >>> before = layer_spectra(model, default_spectra_layers(model))
-    >>> trainer.fit(model, ...)                   # with LowRankProjectionCallback
-    >>> after = layer_spectra(model, before)
-    >>> plot_compression(callback.compression, "compression_report.png",
-    ...                  records=callback.last_records,
-    ...                  spectra={n: (before[n], after[n]) for n in before})
+Example (after a training run with ``LowRankProjectionCallback``)::
+
+    before = layer_spectra(model, default_spectra_layers(model))
+    trainer.fit(model, ...)
+    after = layer_spectra(model, before)
+    plot_compression(callback.compression, "compression_report.png",
+                     records=callback.last_records,
+                     spectra={n: (before[n], after[n]) for n in before})
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lrpet_lightning.core.checks import check_int
 from lrpet_lightning.core.factorized import FactorizedLayer
 from lrpet_lightning.core.linalg import weight_to_matrix
 from lrpet_lightning.core.report import CompressionReport
@@ -34,6 +36,12 @@ __all__ = [
     "plot_compression",
     "plot_pareto",
 ]
+
+#: Width per layer of the rank panel, and the figure's widest (inches); the rank panel's
+#: extra height per character of the longest layer name (names are rotated 90 degrees).
+_BAR_INCH, _MAX_WIDTH, _LABEL_INCH_PER_CHAR = 0.2, 32.0, 0.07
+#: Font size (points) of the layer names, and the least room (inches) one name needs.
+_TICK_FONT, _TICK_INCH = 7, 0.14
 
 #: Spectra below this fraction of a panel's largest singular value are off the plot: an
 #: exactly rank-r weight has a tail at float round-off, which would squash the rest.
@@ -52,8 +60,7 @@ def default_spectra_layers(model: nn.Module, count: int = 3) -> list[str]:
 
     Only ungrouped convs of full rank >= 2 qualify: the layers LRPET projects.
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be an int >= 1, got {count!r}")
+    check_int("count", count, minimum=1, meaning="how many layers to pick")
     names = [n for n, m in model.named_modules()
              if isinstance(m, CONV_TYPES) and m.groups == 1 and full_rank_of(m) >= 2]
     if len(names) <= count:
@@ -110,11 +117,6 @@ def _kept_energy(records: Sequence[Any] | None) -> dict[str, float]:
             if rec.get("skipped") is None}
 
 
-def _match(name: str, values: Mapping[str, float]) -> float | None:
-    """The value of layer ``name``: the callback's records and report use the same names."""
-    return values.get(name)
-
-
 def _layer_rows(report: Any, records: Sequence[Any] | None,
                 first_records: Sequence[Any] | None = None) -> list[dict[str, Any]]:
     """One row per layer: name, rank (None: dense), full_rank, kept_energy and
@@ -127,9 +129,11 @@ def _layer_rows(report: Any, records: Sequence[Any] | None,
     else:
         rows = [{k: rec[k] for k in ("name", "rank", "full_rank")}
                 for rec in map(_as_dict, records or first_records or [])]
+    # The callback's records and report carry the same names: an exact join, so a layer
+    # never shows another layer's energy (a name that is a suffix of another's included).
     for row in rows:
-        row["kept_energy"] = _match(row["name"], last)
-        row["first_kept_energy"] = _match(row["name"], first)
+        row["kept_energy"] = last.get(row["name"])
+        row["first_kept_energy"] = first.get(row["name"])
     return rows
 
 
@@ -178,8 +182,12 @@ def plot_compression(
     plt = _pyplot()
     columns = min(len(spectra), 3) or 1
     spectra_rows = math.ceil(len(spectra) / columns)
-    heights = ([3.2] if rows else []) + [2.8] * spectra_rows
-    fig = plt.figure(figsize=(max(10.0, 0.18 * len(rows)), sum(heights) + 0.6))
+    # The rank panel grows with the layers: a fixed width per bar (up to a cap, past which
+    # the names are thinned out) and room below for the longest rotated name.
+    longest = max((len(row["name"]) for row in rows), default=0)
+    heights = ([3.2 + _LABEL_INCH_PER_CHAR * longest] if rows else []) + [2.8] * spectra_rows
+    width = min(max(10.0, 2.0 + _BAR_INCH * len(rows)), _MAX_WIDTH)
+    fig = plt.figure(figsize=(width, sum(heights) + 0.9))
     grid = fig.add_gridspec(len(heights), columns, height_ratios=heights)
     if rows:
         _draw_ranks(fig.add_subplot(grid[0, :]), rows, report)
@@ -201,6 +209,11 @@ def _save(plt: Any, fig: Any, path: str | Path) -> Path:
     return path
 
 
+def _tick_step(count: int, axes_inch: float) -> int:
+    """Label every ``step``-th layer so that the names never overlap."""
+    return max(1, math.ceil(count * _TICK_INCH / max(axes_inch, 1e-6)))
+
+
 def _draw_ranks(ax: Any, rows: list[dict[str, Any]], report: Any) -> None:
     x = range(len(rows))
     full = [r["full_rank"] for r in rows]
@@ -208,13 +221,18 @@ def _draw_ranks(ax: Any, rows: list[dict[str, Any]], report: Any) -> None:
     ax.bar(x, full, color="0.85", label="full rank")
     ax.bar(x, kept, color=["0.55" if r["rank"] is None else "tab:blue" for r in rows],
            label="kept rank (grey: left dense)")
-    ax.set_xticks(list(x), [r["name"] for r in rows], rotation=90, fontsize=6)
+    step = _tick_step(len(rows), ax.get_position().width * ax.figure.get_figwidth())
+    ticks = list(x)[::step]
+    ax.set_xticks(ticks, [rows[i]["name"] for i in ticks], rotation=90, fontsize=_TICK_FONT)
+    if step > 1:
+        ax.set_xlabel(f"layers (every {step}th named)", fontsize=8)
     ax.set_ylabel("rank")
     ax.set_xlim(-0.6, len(rows) - 0.4)
     flops, params = _reduction(report, "flops_reduction"), _reduction(report, "params_reduction")
     if flops is not None:
+        # Padded: the legend sits between the title and the axes.
         ax.set_title(f"per-layer rank: {100 * flops:.1f} % fewer FLOPs, "
-                     f"{100 * params:.1f} % fewer parameters", fontsize=10)
+                     f"{100 * params:.1f} % fewer parameters", fontsize=10, pad=22)
     handles, labels = ax.get_legend_handles_labels()
     series = [("first_kept_energy", "kept energy (first projection)", "o", "none"),
               ("kept_energy", "kept energy (last projection)", "o", "tab:red")]
@@ -231,7 +249,9 @@ def _draw_ranks(ax: Any, rows: list[dict[str, Any]], report: Any) -> None:
         twin.set_ylabel("kept energy: top-r share of ||W||²")
         more_handles, more_labels = twin.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    ax.legend(handles, labels, fontsize=7, loc="upper left")
+    # Above the axes, in one row: inside it would cover bars or energy points.
+    ax.legend(handles, labels, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              ncol=len(handles), frameon=False)
 
 
 def _draw_spectrum(ax: Any, name: str, before: Any, after: Any, rank: int | None) -> None:
@@ -280,10 +300,10 @@ def plot_pareto(
     xs = [100 * p["flops_reduction"] for p in points]
     ys = [100 * p["accuracy"] for p in points]
     ax.scatter(xs, ys, color="0.6", zorder=2, label="runs")
-    front = sorted((x, y) for x, y, p in zip(xs, ys, points) if p["pareto"])
+    front = sorted((x, y) for x, y, p in zip(xs, ys, points, strict=True) if p["pareto"])
     if front:
-        ax.plot(*zip(*front), "-o", color="tab:red", zorder=3, label="Pareto front")
-    for x, y, p in zip(xs, ys, points):
+        ax.plot(*zip(*front, strict=True), "-o", color="tab:red", zorder=3, label="Pareto front")
+    for x, y, p in zip(xs, ys, points, strict=True):
         ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(4, 4),
                     fontsize=7)
     for i, base in enumerate(baselines):

@@ -164,14 +164,14 @@ def test_optional_loggers_explain_a_missing_package(tmp_path: Path, logger: str,
                                                      package: str) -> None:
     import importlib.util
 
-    from lrpet_lightning.app.train import _instantiate_logger
+    from lrpet_lightning.app.build import instantiate_logger
 
     cfg = _compose(f"logger={logger}", f"output_dir={tmp_path}")
     if importlib.util.find_spec(package) is not None:
-        assert _instantiate_logger(cfg) is not None
+        assert instantiate_logger(cfg) is not None
     else:
         with pytest.raises(RuntimeError, match="install it, or use logger=csv"):
-            _instantiate_logger(cfg)
+            instantiate_logger(cfg)
 
 
 @pytest.mark.parametrize(
@@ -186,9 +186,9 @@ def test_optional_loggers_explain_a_missing_package(tmp_path: Path, logger: str,
         ("callbacks.lrpet.ranks={layer9.conv: 4}", "ranks pattern 'layer9.conv' matches no"),
         ("model.arch=resnet99", "available models"),
         ("data.batch_size=0", "batch_size"),
-        ("optim.lr=abc", "optim.lr must be a number, got 'abc'"),
-        ("optim.nesterov=maybe", "optim.nesterov must be true or false, got 'maybe'"),
-        ("optim.milestones=[a]", "optim.milestones must be a list of integer epochs"),
+        ("optim.lr=abc", "optim.lr must be a number > 0, got 'abc'"),
+        ("optim.nesterov=maybe", "optim.nesterov must be True or False, got 'maybe'"),
+        ("optim.milestones=[a]", "optim.milestones must be a list of int epochs"),
         ("+optim.lrr=0.1", "optim.lrr is not an optimizer setting; allowed: optim.lr, "),
         ("compact_model_name=1", "compact_model_name must be a plain file name ending in .pt"),
     ],

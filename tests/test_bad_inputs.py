@@ -1,5 +1,6 @@
-"""Bad arguments to ``project_low_rank_`` / ``decompose_``: a clear ValueError or TypeError whose
-message names the argument and the offending value (STYLE.md habit 6), never an assert."""
+"""Bad arguments to ``project_low_rank_`` / ``decompose_``: a TypeError for a wrong type, a
+ValueError for a value out of range, each message naming the argument, what is allowed and
+the offending value, never an assert."""
 
 from __future__ import annotations
 
@@ -42,13 +43,15 @@ def _case(kwargs: dict[str, Any], error: type[Exception], match: str, *,
 
 
 def _ratio_cases(prefix: dict[str, Any]) -> list[Any]:
-    """rank_ratio outside (0, 1] or not a real number (bool is not a number here)."""
+    """rank_ratio outside (0, 1] (ValueError) or not a real number (TypeError; bool is not a
+    number here)."""
     out = []
-    for value, shown in [(0, "0"), (-0.1, r"-0\.1"), (1.5, r"1\.5"), (float("nan"), "nan"),
-                         ("0.5", r"'0\.5'"), (True, "True")]:
-        out.append(_case({**prefix, "rank_ratio": value}, ValueError,
-                         rf"rank_ratio must be a number in \(0, 1\].*got {shown}$",
-                         case_id=f"rank_ratio={value!r}"))
+    for value, shown, error in [(0, "0", ValueError), (-0.1, r"-0\.1", ValueError),
+                                (1.5, r"1\.5", ValueError), (float("nan"), "nan", ValueError),
+                                ("0.5", r"'0\.5' \(str\)", TypeError), (True, "True", TypeError)]:
+        out.append(_case({**prefix, "rank_ratio": value}, error,
+                         r"rank_ratio must be a number in \(0, 1\] \(the kept fraction of each "
+                         rf"layer's full rank\), got {shown}$", case_id=f"rank_ratio={value!r}"))
     return out
 
 
@@ -56,12 +59,13 @@ def _ranks_cases(prefix: dict[str, Any]) -> list[Any]:
     """Bad ``ranks`` values and keys, and a pattern that matches no layer."""
     return [
         _case({**prefix, "ranks": {"conv1": 0}}, ValueError,
-              r"ranks\['conv1'\] must be an absolute rank >= 1.*got 0$"),
+              r"ranks\['conv1'\] must be an int >= 1 \(an absolute rank.*got 0$"),
         _case({**prefix, "ranks": {"conv1": -3}}, ValueError,
-              r"ranks\['conv1'\] must be an absolute rank >= 1.*got -3$"),
+              r"ranks\['conv1'\] must be an int >= 1 \(an absolute rank.*got -3$"),
         _case({**prefix, "ranks": {"conv1": 1.2}}, ValueError,
               r"ranks\['conv1'\] must be a number in \(0, 1\].*got 1\.2$"),
-        _case({**prefix, "ranks": {"conv1": "x"}}, TypeError, r"ranks\['conv1'\] .*got 'x'$"),
+        _case({**prefix, "ranks": {"conv1": "x"}}, TypeError,
+              r"ranks\['conv1'\] must be an absolute rank >= 1 \(int\) or a ratio.*got 'x'$"),
         _case({**prefix, "ranks": {1: 0.5}}, TypeError,
               r"ranks keys must be module-name patterns \(str\), got 1$"),
         _case({**prefix, "ranks": [0.5]}, TypeError, r"ranks must be a mapping.*got \[0\.5\]$"),
@@ -81,7 +85,9 @@ def _selection_cases(prefix: dict[str, Any]) -> list[Any]:
         _case({**prefix, "include": "grouped"}, ValueError,
               r"include names 'grouped', which cannot be projected: grouped conv \(groups=2\)"),
         _case({**prefix, "include": 3}, TypeError, r"include must be None, a glob pattern.*got 3$"),
-        _case({**prefix, "min_rank": 0}, ValueError, r"min_rank must be an int >= 1, got 0$"),
+        _case({**prefix, "min_rank": 0}, ValueError,
+              r"min_rank must be an int >= 1 \(the smallest rank any layer keeps\), got 0$"),
+        _case({**prefix, "min_rank": 2.0}, TypeError, r"min_rank must be an int >= 1.*got 2\.0$"),
         _case(prefix, ValueError, r"no layer of Sequential is targeted", model=_linear_only,
               case_id="model without conv"),
     ]
@@ -96,13 +102,17 @@ PROJECT_CASES = [
           case_id="empty ranks"),
     *_ranks_cases(PROJECT),
     *_selection_cases(PROJECT),
-    *[_case({**PROJECT, "residual_scale": v}, ValueError,
-            rf"residual_scale must be a number in \[0, 1\], got {re.escape(repr(v))}$",
-            case_id=f"residual_scale={v!r}") for v in (-0.1, 2, float("nan"))],
+    *[_case({**PROJECT, "residual_scale": v}, error,
+            r"residual_scale must be a number in \[0, 1\] \(factor on the discarded singular "
+            rf"values; 0 = exactly rank r\), got {re.escape(shown)}$",
+            case_id=f"residual_scale={v!r}")
+      for v, shown, error in [(-0.1, "-0.1", ValueError), (2, "2", ValueError),
+                              (float("nan"), "nan", ValueError),
+                              ("0", "'0' (str)", TypeError)]],
     _case({**PROJECT, "svd_method": "foo"}, ValueError,
-          r"svd_method must be one of \('exact', 'gram', 'gram32', 'randomized'\), got 'foo'$"),
+          r"svd_method must be one of 'exact', 'gram', 'gram32', 'randomized', got 'foo'$"),
     _case({**PROJECT, "energy_transfer": "yes"}, TypeError,
-          r"energy_transfer must be True or False, got 'yes'$"),
+          r"energy_transfer must be True or False, got 'yes' \(str\)$"),
     _case({"rank_ratio": 0.5, "example_inputs": torch.randn(2, 5, 8, 8)}, ValueError,
           r"example_inputs of shape \(2, 5, 8, 8\) do not run through _Net",
           case_id="example_inputs wrong shape"),
@@ -112,8 +122,12 @@ DECOMPOSE_CASES = [
     *_ratio_cases({}),
     *_ranks_cases({"rank_ratio": 0.5}),
     *_selection_cases({"rank_ratio": 0.5}),
-    *[_case({"rank_rtol": v}, ValueError, rf"rank_rtol must be a float in \(0, 1\), got {v!r}$",
-            case_id=f"rank_rtol={v!r}") for v in (0.0, 1.0, 2, "1e-3")],
+    *[_case({"rank_rtol": v}, error,
+            r"rank_rtol must be a number in \(0, 1\) or None \(singular values below "
+            rf"rank_rtol \* s_max do not count\), got {re.escape(shown)}$",
+            case_id=f"rank_rtol={v!r}")
+      for v, shown, error in [(0.0, "0.0", ValueError), (1.0, "1.0", ValueError),
+                              (2, "2", ValueError), ("1e-3", "'1e-3' (str)", TypeError)]],
 ]
 
 

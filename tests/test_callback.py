@@ -5,7 +5,6 @@ and the user-story example."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
@@ -18,128 +17,18 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
+
+# Re-exported too: other test files import them from here.
+from helpers import CONVS, RANK, Tiny, conv_ranks, make_trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lrpet_lightning import FactorizedConv, decompose_, decomposed_ranks
 from lrpet_lightning.callback import LowRankProjectionCallback
 
 REPO = Path(__file__).resolve().parents[1]
-RANK = 4  # rank_ratio=0.25 of 16: every conv below has full rank min(16, C*k*k) = 16
-CONVS = ("net.conv1", "net.conv2", "net.conv3")
-
-
-# ------------------------------------------------------------------------------ fixtures
-class Net(nn.Module):
-    """conv1 -> BN -> ReLU, conv2 -> BN -> ReLU, conv3 (1x1, no BN), then a Linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.conv3 = nn.Conv2d(16, 16, 1)
-        self.fc = nn.Linear(16, 4)
-        self.calls = 0  # forward passes of this very object (a deep copy counts its own)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = F.relu(self.conv3(x))
-        return self.fc(x.mean((2, 3)))
-
-
-class ResumableLoader:
-    """Fixed batches in a fixed order, resumable mid-epoch (Lightning's ``_Stateful``): a
-    resumed run sees exactly the batches the interrupted one had not seen yet."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self._pos, self._skip = 0, 0
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size)
-
-    def __iter__(self):
-        start, self._skip = self._skip, 0
-        for i in range(start, len(self)):
-            self._pos = i + 1
-            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            yield self.x[sl], self.y[sl]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"pos": self._pos}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = state["pos"] % len(self)  # saved after the epoch's last batch: start over
-
-
-class Tiny(L.LightningModule):
-    """A classifier on fixed random 8x8 images: ``n_batches`` training batches of 4."""
-
-    def __init__(self, n_batches: int = 4, lr: float = 0.1, scheduler: bool = False) -> None:
-        super().__init__()
-        self.net = Net()
-        self.n_batches, self.lr, self.scheduler = n_batches, lr, scheduler
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(4 * n_batches, 3, 8, 8, generator=g)
-        self.y = torch.randint(0, 4, (4 * n_batches,), generator=g)
-        self.val_ranks: list[tuple[bool, dict[str, int]]] = []  # (sanity check?, ranks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def _loss(self, batch: Any) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        if batch_idx == 0:
-            self.val_ranks.append((self.trainer.sanity_checking, conv_ranks(self)))
-        self.log("val_loss", self._loss(batch))
-        self.log("val_const", 1.0)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("test_loss", self._loss(batch))
-
-    def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        if not self.scheduler:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)}
-
-    def train_dataloader(self) -> ResumableLoader:
-        return ResumableLoader(self.x, self.y, batch_size=4)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.x[:8], self.y[:8]), batch_size=8)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-
-def conv_ranks(module: nn.Module, rtol: float = 1e-5) -> dict[str, int]:
-    """Numerical rank of every dense conv's weight matrix (rows = output channels)."""
-    return {
-        name: int(torch.linalg.matrix_rank(m.weight.detach().float().flatten(1), rtol=rtol))
-        for name, m in module.named_modules() if isinstance(m, nn.Conv2d)
-    }
-
-
-def make_trainer(callbacks: Any = (), **kwargs: Any) -> L.Trainer:
-    kwargs = {"max_epochs": 1, "logger": False, "enable_checkpointing": False,
-              "num_sanity_val_steps": 0, "devices": 1, **kwargs}
-    return L.Trainer(accelerator="cpu", callbacks=list(callbacks),
-                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 
 class Recorder(LowRankProjectionCallback):
@@ -665,37 +554,43 @@ def test_sharding_strategies_are_refused_in_setup(index: int) -> None:
 
 
 # --------------------------------------------------------------------- 10. bad arguments
+# A wrong type raises TypeError, a value out of range ValueError.
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"rank_ratio": 0}, "rank_ratio must be a number in"),
-        ({"rank_ratio": 1.5}, "rank_ratio must be a number in"),
-        ({"rank_ratio": "a"}, "rank_ratio must be a number in"),
-        ({"rank_ratio": None}, "give rank_ratio"),
-        ({"every_n_epochs": 2, "every_n_train_steps": 3}, "choose one schedule"),
-        ({"every_n_train_steps": 0}, "every_n_train_steps must be an int >= 1"),
-        ({"every_n_epochs": 0}, "every_n_epochs must be an int >= 1"),
-        ({"every_n_epochs": 1.5}, "every_n_epochs must be an int >= 1"),
-        ({"every_n_train_steps": True}, "every_n_train_steps must be an int >= 1"),
-        ({"start": -1}, "start must be an int >= 0"),
-        ({"start": None}, "start must be an int >= 0"),
-        ({"start": 3, "stop": 3}, "stop must be greater than start=3"),
-        ({"start": 3, "stop": 1}, "stop must be greater than start=3"),
-        ({"stop": 0}, "stop must be an int >= 1"),
-        ({"final_projection": 1}, "final_projection must be True or False"),
-        ({"decompose_on_fit_end": "yes"}, "decompose_on_fit_end must be True or False"),
-        ({"log_per_layer": None}, "log_per_layer must be True or False"),
-        ({"report": 0}, "report must be True or False"),
-        ({"energy_transfer": 1}, "energy_transfer must be True or False"),
-        ({"residual_scale": 2.0}, "residual_scale must be a number in"),
-        ({"svd_method": "qr"}, "svd_method must be one of"),
-        ({"ranks": [0.5]}, "ranks must be a mapping"),
+        ({"rank_ratio": 0}, ValueError, "rank_ratio must be a number in"),
+        ({"rank_ratio": 1.5}, ValueError, "rank_ratio must be a number in"),
+        ({"rank_ratio": "a"}, TypeError, "rank_ratio must be a number in"),
+        ({"rank_ratio": None}, ValueError, "give rank_ratio"),
+        ({"every_n_epochs": 2, "every_n_train_steps": 3}, ValueError, "choose one schedule"),
+        ({"every_n_train_steps": 0}, ValueError, "every_n_train_steps must be an int >= 1"),
+        ({"every_n_epochs": 0}, ValueError, "every_n_epochs must be an int >= 1"),
+        ({"every_n_epochs": "2"}, TypeError, "every_n_epochs must be an int >= 1"),
+        ({"every_n_epochs": 1.5}, TypeError, "every_n_epochs must be an int >= 1"),
+        ({"every_n_train_steps": True}, TypeError, "every_n_train_steps must be an int >= 1"),
+        ({"start": -1}, ValueError, "start must be an int >= 0"),
+        ({"start": None}, TypeError, "start must be an int >= 0"),
+        ({"start": 3, "stop": 3}, ValueError, "stop must be greater than start=3"),
+        ({"start": 3, "stop": 1}, ValueError, "stop must be greater than start=3"),
+        ({"stop": 0}, ValueError, "stop must be an int >= 1"),
+        ({"budget_warmup_epochs": -1}, ValueError, "budget_warmup_epochs must be an int >= 0"),
+        ({"budget_warmup_epochs": "1"}, TypeError, "budget_warmup_epochs must be an int >= 0"),
+        ({"final_projection": 1}, TypeError, "final_projection must be True or False"),
+        ({"final_projection": "yes"}, TypeError, "final_projection must be True or False"),
+        ({"decompose_on_fit_end": "yes"}, TypeError, "decompose_on_fit_end must be True or False"),
+        ({"log_per_layer": None}, TypeError, "log_per_layer must be True or False"),
+        ({"report": 0}, TypeError, "report must be True or False"),
+        ({"energy_transfer": 1}, TypeError, "energy_transfer must be True or False"),
+        ({"residual_scale": 2.0}, ValueError, "residual_scale must be a number in"),
+        ({"svd_method": "qr"}, ValueError, "svd_method must be one of"),
+        ({"ranks": [0.5]}, TypeError, "ranks must be a mapping"),
     ],
 )
-def test_bad_arguments(kwargs: dict, match: str) -> None:
+def test_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None:
     kwargs = {"rank_ratio": 0.25, **kwargs}
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(error, match=match) as caught:
         LowRankProjectionCallback(**kwargs)
+    assert type(caught.value) is error
 
 
 def test_pattern_matching_nothing_fails_at_the_first_step() -> None:
@@ -738,3 +633,44 @@ def test_ddp_spawn_on_cpu(tmp_path: Path) -> None:
     trainer.fit(model)
     assert conv_ranks(model) == dict.fromkeys(CONVS, RANK)  # weights come back from rank 0
     assert len(list(tmp_path.rglob("compression_report.json"))) == 1
+
+
+# ------------------------------------------------------------- public read-only state
+def test_ranks_and_records_properties_are_the_checkpointed_ranks_and_last_records() -> None:
+    cb = LowRankProjectionCallback(rank_ratio=0.25, report=False)
+    assert cb.ranks == {} and cb.records == []  # before any fit
+    make_trainer([cb], max_epochs=2).fit(Tiny())
+    assert cb.ranks == cb.state_dict()["ranks"] == dict.fromkeys(CONVS, RANK)
+    assert cb.records == cb.last_records and [r.name for r in cb.records] == list(CONVS)
+    cb.ranks["net.conv1"] = 1  # a copy: the callback's own ranks are not changed
+    assert cb.state_dict()["ranks"]["net.conv1"] == RANK
+    for name in ("ranks", "records", "first_records", "budget_solution"):
+        with pytest.raises(AttributeError):
+            setattr(cb, name, None)
+
+
+def test_decomposed_ranks_are_in_state_dict_and_old_checkpoints_still_load(
+        tmp_path: Path) -> None:
+    model = Tiny()
+    cb = LowRankProjectionCallback(rank_ratio=0.25, decompose_on_fit_end=True, report=False)
+    assert cb.state_dict()["decomposed_ranks"] == {}
+    trainer = make_trainer([cb], max_epochs=1)
+    trainer.fit(model)
+    assert cb.state_dict()["decomposed_ranks"] == dict.fromkeys(CONVS, RANK)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    state = checkpoint["callbacks"][cb.state_key]
+    assert state == cb.state_dict()  # on_save_checkpoint adds nothing to it any more
+    # A checkpoint without the key (older) and one with it: both restore the counters.
+    for saved in ({k: v for k, v in state.items() if k != "decomposed_ranks"}, state):
+        other = LowRankProjectionCallback(rank_ratio=0.25, report=False)
+        other.load_state_dict(dict(saved))
+        assert other.num_projections == 1 and other.ranks == dict.fromkeys(CONVS, RANK)
+    # The relaunch of that old checkpoint, with the same command, still loads and finishes.
+    del state["decomposed_ranks"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    again = LowRankProjectionCallback(rank_ratio=0.25, decompose_on_fit_end=True, report=False)
+    fresh = Tiny()
+    make_trainer([again], max_epochs=1).fit(fresh, ckpt_path=tmp_path / "old.ckpt")
+    assert decomposed_ranks(fresh) == dict.fromkeys(CONVS, RANK)
+    assert again.num_projections == 1

@@ -170,3 +170,77 @@ def test_layers_read_by_their_parent_and_late_branches_are_named() -> None:
     cb = LowRankProjectionCallback(rank_ratio=0.25, report=False)
     with pytest.warns(UserWarning, match="net.late: did not run in the first training step"):
         trainer([cb]).fit(late)
+
+
+# --------------------------------------- the core helpers behind the callback, plain PyTorch
+def test_input_recorder_keeps_one_sample_of_the_first_call_and_unhooks() -> None:
+    from lrpet_lightning.core.trace import InputRecorder, run_forward
+
+    net = Net()
+    with InputRecorder(net) as recorder:
+        net(torch.randn(8, 3, 8, 8))
+        net(torch.randn(2, 3, 8, 8))
+        assert not net._forward_pre_hooks  # gone after the first call
+    (x,) = recorder.inputs
+    assert x.shape == (1, 3, 8, 8) and not x.requires_grad
+    assert run_forward(net, recorder.inputs).shape == (1, 4)
+
+    class Both(nn.Module):
+        def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            return x * scale
+
+    both = Both()
+    with InputRecorder(both) as recorder:
+        both(torch.ones(3, 2), scale=torch.ones(3, 2))
+    assert recorder.inputs is None and "positional and keyword" in recorder.problem
+
+
+def test_find_network_names_and_compiled_children() -> None:
+    from lrpet_lightning.core.network import find_network
+
+    model = Tiny()
+    network = find_network(model, ["net.conv1", "net.conv2"])
+    assert network.called is model.net is network.eager and network.prefix == "net"
+    assert network.local({"net.conv1": 4}) == {"conv1": 4}
+    assert network.qualified({"conv1": 4, "": 1}) == {"net.conv1": 4, "net": 1}
+    assert [x.name for x in network.local_layers([_layer(model.net.conv1, "net.conv1")])
+            ] == ["conv1"]
+    with pytest.raises(ValueError, match="not inside the network"):
+        network.local_name("head.fc")
+    # Layers under two children, or a wrapper around one bare layer: the root itself.
+    assert find_network(model, ["net.conv1", "other.fc"]).prefix == ""
+    bare = nn.Module()
+    bare.conv = nn.Conv2d(3, 4, 3)
+    assert find_network(bare, ["conv"]).eager is bare
+    compiled = Tiny()
+    compiled.net = torch.compile(compiled.net)
+    network = find_network(compiled, ["net._orig_mod.conv1"])
+    assert network.called is compiled.net and network.eager is compiled.net._orig_mod
+    assert network.prefix == "net._orig_mod"
+
+
+def _layer(module: nn.Module, name: str):
+    from lrpet_lightning.core.walk import TargetLayer
+
+    return TargetLayer(name=name, module=module, rank=4, full_rank=16)
+
+
+def test_merge_trace_returns_only_what_the_trace_added_and_set_ranks_checks_names() -> None:
+    from lrpet_lightning.core.config import LowRankConfig
+    from lrpet_lightning.core.plan import merge_trace, select_plan, set_ranks
+    from lrpet_lightning.core.trace import BNPairTracer
+
+    model = Tiny(branch=True)
+    model.net = ReadsConv()
+    plan = select_plan(model, LowRankConfig(rank_ratio=0.25))
+    plan.skipped["earlier"] = "left alone at selection"
+    with BNPairTracer(model, plan.layers) as tracer:
+        model.net(torch.randn(1, 3, 8, 8))
+    new = merge_trace(plan, tracer.trace(), bn_rectification=True, not_run_note="did not run")
+    assert list(new.skipped) == ["net.conv2"] and new.notes == {}
+    assert set(plan.skipped) == {"earlier", "net.conv2"}
+    assert [x.name for x in plan.layers] == [x.name for x in new.layers] == ["net.conv1"]
+    set_ranks(plan.layers, {"net.conv1": 2})
+    assert plan.ranks == {"net.conv1": 2}
+    with pytest.raises(ValueError, match="restored ranks name other layers"):
+        set_ranks(plan.layers, {"net.conv9": 2}, "restored ranks")

@@ -116,3 +116,13 @@ def test_unreadable_files_are_named_with_what_is_wrong(tmp_path: Path) -> None:
         load_compact_model(bare)
     with pytest.raises(ValueError, match=r"m\.pt' has no num_classes"):
         load_compact_model(good)  # arch alone is not enough to rebuild it
+
+
+def test_optimizers_match_tells_a_decomposed_model_from_its_dense_optimizer() -> None:
+    from lrpet_lightning.core.checkpoint import optimizers_match
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert optimizers_match(model, [optimizer]) and optimizers_match(model, [])
+    decompose_(model, rank_ratio=0.25)
+    assert not optimizers_match(model, [optimizer])

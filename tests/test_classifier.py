@@ -135,24 +135,44 @@ def test_warmup_then_schedule_keeps_absolute_epochs() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"lr": 0.0}, "lr must be > 0, got 0.0"),
-        ({"momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
-        ({"momentum": -0.1}, "momentum must be in"),
-        ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
-        ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
-        ({"gamma": 0.0}, r"gamma must be in \(0, 1\]"),
-        ({"scheduler": "step"}, r"scheduler must be one of \('multistep', 'cosine', 'none'\)"),
+        ({"lr": 0.0}, "lr must be a number > 0, got 0.0"),
+        ({"momentum": 1.0}, r"momentum must be a number in \[0, 1\), got 1.0"),
+        ({"momentum": -0.1}, "momentum must be a number in"),
+        ({"weight_decay": -1e-4}, "weight_decay must be a number >= 0"),
+        ({"label_smoothing": 1.0}, r"label_smoothing must be a number in \[0, 1\)"),
+        ({"gamma": 0.0}, r"gamma must be a number in \(0, 1\]"),
+        ({"scheduler": "step"},
+         "scheduler must be one of 'multistep', 'cosine', 'none', got 'step'"),
         ({"milestones": (300, 200)}, "milestones must be strictly increasing"),
         ({"milestones": (2, 5), "warmup_epochs": 3}, "milestones must be after the warm-up"),
-        ({"num_classes": 1}, "num_classes must be an integer >= 2"),
-        ({"warmup_epochs": -1}, "warmup_epochs must be an integer >= 0"),
-        ({"max_epochs": 0}, "max_epochs must be None or >= 1"),
+        ({"num_classes": 1}, "num_classes must be an int >= 2"),
+        ({"warmup_epochs": -1}, "warmup_epochs must be an int >= 0"),
+        ({"max_epochs": 0}, "max_epochs must be an int >= 1 or None"),
         ({"nesterov": True, "momentum": 0.0}, "nesterov must be False when momentum is 0"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     kwargs = {"num_classes": 10, **kwargs}
     with pytest.raises(ValueError, match=match):
+        ImageClassifier(net(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": "0.1"}, r"lr must be a number > 0, got '0.1' \(str\)"),
+        ({"momentum": None}, "momentum must be a number in"),
+        ({"nesterov": "maybe"}, "nesterov must be True or False, got 'maybe'"),
+        ({"scheduler": 3}, "scheduler must be one of"),
+        ({"milestones": ["a"]}, "milestones must be a list of int epochs"),
+        ({"milestones": 200}, "milestones must be a list of int epochs"),
+        ({"num_classes": 2.0}, "num_classes must be an int >= 2"),
+        ({"warmup_epochs": True}, "warmup_epochs must be an int >= 0"),
+    ],
+)
+def test_wrong_types_raise_type_error_naming_the_argument(kwargs: dict, match: str) -> None:
+    kwargs = {"num_classes": 10, **kwargs}
+    with pytest.raises(TypeError, match=match):
         ImageClassifier(net(), **kwargs)
 
 

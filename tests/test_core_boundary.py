@@ -1,4 +1,4 @@
-"""The core is plain PyTorch: importing it must not import lightning or hydra (DESIGN.md)."""
+"""The core is plain PyTorch: importing it must not import lightning or hydra."""
 
 from __future__ import annotations
 

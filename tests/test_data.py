@@ -107,10 +107,10 @@ def test_digits_augment_shifts_train_only() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
         ({"image_size": 0}, "image_size"),
         ({"num_workers": -1}, "num_workers"),
-        ({"val_fraction": 0.0}, r"val_fraction must be in \(0, 1\)"),
+        ({"val_fraction": 0.0}, r"val_fraction must be a number in \(0, 1\)"),
         ({"test_fraction": 1.5}, "test_fraction"),
         ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction \\+ test_fraction"),
         ({"val_fraction": 0.001}, "stratified split needs >= 10"),
@@ -118,6 +118,20 @@ def test_digits_augment_shifts_train_only() -> None:
 )
 def test_digits_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
+        DigitsDataModule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": "64"}, r"batch_size must be an int >= 1, got '64' \(str\)"),
+        ({"image_size": 16.0}, "image_size must be an int"),
+        ({"val_fraction": "0.1"}, "val_fraction must be a number in"),
+        ({"augment": "yes"}, "augment must be True or False"),
+    ],
+)
+def test_digits_wrong_types_raise_type_error(kwargs: dict, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
         DigitsDataModule(**kwargs)
 
 
@@ -139,10 +153,12 @@ def test_fake_shapes_and_seeds(in_channels: int) -> None:
 
 
 def test_fake_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="in_channels must be 1 or 3, got 2"):
+    with pytest.raises(ValueError, match="in_channels must be one of 1, 3, got 2"):
         FakeDataModule(in_channels=2)
-    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
         FakeDataModule(num_classes=1)
+    with pytest.raises(TypeError, match="num_samples must be an int >= 1"):
+        FakeDataModule(num_samples="8")
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -198,15 +214,20 @@ def test_cifar_split_and_transforms(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(ValueError, match="val_size must be < 20"):
         CIFARDataModule(tmp_path, val_size=20).setup("fit")
     no_val = CIFARDataModule(tmp_path, val_size=0)
-    no_val.setup("fit")
+    with pytest.warns(UserWarning, match="val_size=0 validates on the official TEST set"):
+        no_val.setup("fit")  # the reference code's setting: never silent
     assert no_val.val_set is no_val.test_set and len(no_val.train_set) == 20
 
 
 def test_cifar_bad_arguments(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=re.escape("name must be one of ['cifar10', 'cifar100']")):
+    with pytest.raises(ValueError, match=re.escape("name must be one of 'cifar10', 'cifar100'")):
         CIFARDataModule(tmp_path, name="cifar5")
-    with pytest.raises(ValueError, match="val_size must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="val_size must be an int >= 0, got -1"):
         CIFARDataModule(tmp_path, val_size=-1)
+    with pytest.raises(TypeError, match="val_size must be an int >= 0, got '5000'"):
+        CIFARDataModule(tmp_path, val_size="5000")
+    with pytest.raises(TypeError, match="download must be True or False"):
+        CIFARDataModule(tmp_path, download="no")
 
 
 # ----------------------------------------------------------------------------- ImageNet

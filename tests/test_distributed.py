@@ -75,7 +75,7 @@ def _run_all(commands: list[list[str]], cwd: Path, deadline_s: float = DEADLINE_
     logs = [cwd / f"proc{i}.log" for i in range(len(commands))]
     procs = []
     try:
-        for command, log in zip(commands, logs):
+        for command, log in zip(commands, logs, strict=True):
             with open(log, "wb") as out:
                 procs.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=out,
                                               stderr=subprocess.STDOUT))
@@ -89,14 +89,15 @@ def _run_all(commands: list[list[str]], cwd: Path, deadline_s: float = DEADLINE_
         for p in procs:
             p.wait()
     outputs = [log.read_text(errors="replace") for log in logs]
-    for p, command, output in zip(procs, commands, outputs):
+    for p, command, output in zip(procs, commands, outputs, strict=True):
         assert p.returncode == 0, f"{' '.join(command)} exited {p.returncode}:\n{output[-4000:]}"
     return outputs
 
 
 # --------------------------------------------------------------------- 1. the work plan
 def _optimum(costs: list[int], world: int) -> int:
-    return min(max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(world))
+    return min(max(sum(c for c, o in zip(costs, owners, strict=True) if o == r)
+                   for r in range(world))
                for owners in itertools.product(range(world), repeat=len(costs)))
 
 
@@ -108,7 +109,7 @@ def test_assign_owners_plans_every_job_deterministically_and_balanced() -> None:
         owners = assign_owners(costs, world)
         assert owners == assign_owners(list(costs), world)  # every rank plans the same
         assert len(owners) == len(costs) and set(owners) <= set(range(world))
-        loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(world)]
+        loads = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(world)]
         assert max(loads) <= _optimum(costs, world) + max(costs), (costs, world, owners)
     assert assign_owners([5, 3, 9], 1) == [0, 0, 0]
     assert assign_owners([], 4) == []
@@ -123,7 +124,7 @@ def test_assign_owners_balances_resnet50_within_one_percent() -> None:
     assert len(costs) == 53
     for world in (2, 4):
         owners = assign_owners(costs, world)
-        loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(world)]
+        loads = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(world)]
         assert max(loads) <= 1.01 * sum(costs) / world
 
 
@@ -147,7 +148,7 @@ def test_without_a_process_group_it_is_project_layers_() -> None:
     assert not dist.is_initialized()
     records = project_layers_distributed_(select_layers(net, config), config)
     assert records == project_layers_(select_layers(twin, config), config)
-    for a, b in zip(net.parameters(), twin.parameters()):
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -259,11 +260,11 @@ def test_project_layers_distributed_shares_the_work_and_makes_replicas_identical
     # Each rank solved exactly its share of the plan, and the shares cover every layer.
     owners = assign_owners(r0["costs"], 2)
     for rank, result in enumerate((r0, r1)):
-        assert result["computed"] == [n for n, o in zip(names, owners) if o == rank]
+        assert result["computed"] == [n for n, o in zip(names, owners, strict=True) if o == rank]
     assert r0["computed"] and r1["computed"]
 
     refs = (r0["reference"], r1["reference"])
-    for name, owner in zip(names, owners):
+    for name, owner in zip(names, owners, strict=True):
         # The drift matters: each rank alone would have projected differently ...
         assert not torch.equal(r0["reference"][name], r1["reference"][name]), name
         # ... but every replica now holds its owner's projection, bit for bit.
@@ -275,7 +276,7 @@ def test_project_layers_distributed_shares_the_work_and_makes_replicas_identical
     assert [r["name"] for r in r0["records"]] == names
     ref_records = ({r["name"]: r for r in r0["ref_records"]},
                    {r["name"]: r for r in r1["ref_records"]})
-    for record, owner in zip(r0["records"], owners):
+    for record, owner in zip(r0["records"], owners, strict=True):
         assert record == ref_records[owner][record["name"]]
     assert r0["again"] == r1["again"] and [r["name"] for r in r0["again"]] == names[:4]
     for name in names[:4]:
@@ -438,7 +439,7 @@ def _app_overrides(*extra: str) -> list[str]:
             "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
             "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
             "+trainer.enable_progress_bar=false", "~callbacks.progress_bar",
-            "test=false", *extra]  # each trainer.validate/test under ddp_spawn spawns anew
+            "test=false", *extra]  # every rank runs the whole run: a test split costs time
 
 
 def _compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
@@ -447,6 +448,13 @@ def _compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         return compose("train", overrides=list(overrides),
                        return_hydra_config=return_hydra_config)
+
+
+def test_the_ddp_cpu_trainer_has_the_app_start_lightning_ddp_ranks() -> None:
+    """trainer.strategy means what Lightning says (ddp); spawn_ranks is the app's own key."""
+    cfg = _compose("output_dir=/unused", *_app_overrides())
+    assert cfg.spawn_ranks is True and cfg.trainer.strategy == "ddp"
+    assert cfg.trainer.devices == 2
 
 
 @pytest.mark.slow

@@ -88,7 +88,7 @@ def test_all_zero_layer_is_skipped_not_broken() -> None:
 
 def test_training_goes_on_when_a_layer_turns_nan() -> None:
     import lightning as L
-    from test_callback import Tiny, make_trainer
+    from helpers import Tiny, make_trainer
 
     from lrpet_lightning import LowRankProjectionCallback
 

@@ -168,12 +168,15 @@ def test_fold_needs_eval_mode() -> None:
         fold_batchnorms_(model, torch.randn(1, 3, 4, 4))
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"channels_last": "yes"}, "channels_last"),
-    ({"repeats": 0}, "repeats"),
-    ({"repeats": 1.5}, "repeats"),
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"channels_last": "yes"}, ValueError,
+     r"channels_last must be True, False or 'auto' \(measure both.*got 'yes'$"),
+    ({"channels_last": 1}, TypeError, r"channels_last must be True, False or 'auto'.*got 1$"),
+    ({"repeats": 0}, ValueError,
+     r"repeats must be an int >= 1 \(timed runs per candidate\), got 0$"),
+    ({"repeats": 1.5}, TypeError, r"repeats must be an int >= 1.*got 1\.5$"),
 ])
-def test_bad_arguments(kwargs, match) -> None:
+def test_bad_arguments(kwargs, error, match) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 1))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         prepare_for_inference(model, torch.randn(1, 3, 4, 4), **kwargs)

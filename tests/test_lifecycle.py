@@ -23,6 +23,7 @@ from lrpet_lightning.app.module import ImageClassifier
 from lrpet_lightning.app.train import config_dir, train
 
 BATCHES = 3  # training batches per epoch
+HERE = Path(__file__).resolve().parent  # lifecycle_callbacks.py, for lrpet-train
 
 
 def _cfg(out: Path, *overrides: str) -> DictConfig:
@@ -37,6 +38,30 @@ def _cfg(out: Path, *overrides: str) -> DictConfig:
 
 def _ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _lrpet_state(ckpt: dict) -> dict:
+    """The LRPET callback's state in a Lightning checkpoint."""
+    (state,) = (v for k, v in ckpt["callbacks"].items() if k.startswith("LowRankProjection"))
+    return state
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file a run left in ``run_dir`` (Hydra's log aside), byte for byte."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "train.log"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The results of one untroubled default run (the shipped configs, 1 epoch), which a
+    troubled run must match: run once per module, as every scenario compares with it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every test runs (conftest): the same float rounding
+    try:
+        return train(_cfg(tmp_path_factory.mktemp("reference")))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_last_ckpt_is_the_last_epoch_even_when_val_acc_drops(
@@ -75,45 +100,76 @@ def test_resume_from_last_ckpt_continues_the_run(tmp_path: Path) -> None:
 
 def test_relaunch_of_a_finished_run_leaves_its_results_intact(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing of the finished run changes: results, reports, compact model, checkpoints,
+    metrics. Its last.ckpt is the last epoch's dense model (the shipped checkpoints save at
+    validation, before the fit-end projection and decomposition redone on relaunch)."""
     first = train(_cfg(tmp_path))
     assert first["status"] == "finished" and first["flops_reduction"] > 0.3
-    written = (tmp_path / "results.json").read_bytes()
-    metrics = (tmp_path / "csv" / "metrics.csv").read_bytes()  # the CSV logger deletes it
+    last = _ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert _lrpet_state(last)["decomposed_ranks"] == {} and last["global_step"] == BATCHES
+    before = _snapshot(tmp_path)  # metrics.csv among them: the CSV logger deletes it
+    assert {"results.json", "compact_model.pt", "compression_report.json",
+            "checkpoints/last.ckpt", "csv/metrics.csv"} <= before.keys()
     for ckpt_path in (tmp_path / "checkpoints" / "last.ckpt", "last"):
         with caplog.at_level(logging.INFO, logger="lrpet_lightning"):
             again = train(_cfg(tmp_path, f"ckpt_path={ckpt_path}"))
-        assert again["status"] == "already_finished"
-        assert again["flops_reduction"] == first["flops_reduction"]
-        assert (tmp_path / "results.json").read_bytes() == written
-        assert (tmp_path / "csv" / "metrics.csv").read_bytes() == metrics
-        assert not list((tmp_path / "csv").glob("metrics-launch*.csv"))
+        assert again == {**first, "status": "already_finished"}
+        assert _snapshot(tmp_path) == before
         assert "is a finished run" in caplog.text
 
 
 def test_relaunch_of_a_finished_run_without_results_writes_no_fake_zero(
-        tmp_path: Path) -> None:
-    """With results.json gone, the relaunch recomputes what it can and writes null (never a
-    default 0.0) for what it did not measure."""
+        tmp_path: Path, reference: dict) -> None:
+    """With results.json gone, the relaunch redoes the fit end from last.ckpt and writes
+    what it measures (the same as the run's own), null (never a default 0.0) for the rest."""
     train(_cfg(tmp_path))
     (tmp_path / "results.json").unlink()
     results = train(_cfg(tmp_path, "ckpt_path=last"))
     written = json.loads((tmp_path / "results.json").read_text())
-    assert written["status"] == results["status"] == "already_finished"
-    assert written["flops_reduction"] is None or written["flops_reduction"] > 0.3
-    assert written["test_acc"] is not None
+    assert written == results and results["status"] == "already_finished"
+    assert results["flops_reduction"] in (None, reference["flops_reduction"])
+    for key in ("val_acc", "test_acc", "epochs", "num_projections"):
+        assert results[key] == reference[key], key
+    assert not results["errors"] and Path(results["compact_model"]).is_file()
+
+
+def test_relaunch_after_decomposition_neither_crashes_nor_lies(
+        tmp_path: Path, reference: dict) -> None:
+    """A last.ckpt saved after decompose_on_fit_end (here by a callback saving at the very
+    end, as a ModelCheckpoint on_train_end would) holds the thin model; relaunched with
+    the same command, with or without results.json, the run reports what it measured."""
+    keep = ["+callbacks.after_fit._target_=lifecycle_callbacks.SaveAfterFit",
+            f"+callbacks.after_fit.dirpath={tmp_path / 'checkpoints'}"]
+    first = train(_cfg(tmp_path, *keep))
+    last = _ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert _lrpet_state(last)["decomposed_ranks"]  # the thin model
+    assert any(k.endswith(".first.weight") for k in last["state_dict"])
+    before = _snapshot(tmp_path)
+    again = train(_cfg(tmp_path, *keep, "ckpt_path=last"))
+    assert again == {**first, "status": "already_finished"} and _snapshot(tmp_path) == before
+    (tmp_path / "results.json").unlink()
+    redone = train(_cfg(tmp_path, *keep, "ckpt_path=last"))
+    assert redone["status"] == "already_finished" and not redone["errors"]
+    for key in ("val_acc", "test_acc", "epochs", "num_projections"):
+        assert redone[key] == reference[key], key
+    assert redone["flops_reduction"] in (None, reference["flops_reduction"])  # not faked
+    compact = torch.load(redone["compact_model"], weights_only=True)
+    assert compact["ranks"] == torch.load(first["compact_model"], weights_only=True)["ranks"]
 
 
 def test_a_second_run_into_a_used_dir_is_refused_unless_overwrite(tmp_path: Path) -> None:
     train(_cfg(tmp_path))
-    before = (tmp_path / "results.json").read_bytes()
+    before = _snapshot(tmp_path)
     with pytest.raises(FileExistsError, match="already holds a run.*overwrite=true"):
         train(_cfg(tmp_path, "seed=1"))
-    assert (tmp_path / "results.json").read_bytes() == before  # nothing touched
+    assert _snapshot(tmp_path) == before  # nothing touched: results, checkpoints, model
     other = tmp_path.parent / f"{tmp_path.name}-other"  # a checkpoint from elsewhere too
     with pytest.raises(FileExistsError, match="already holds a run"):
         train(_cfg(tmp_path, f"ckpt_path={other / 'last.ckpt'}"))
+    assert _snapshot(tmp_path) == before
     results = train(_cfg(tmp_path, "seed=1", "overwrite=true"))
     assert results["status"] == "finished"
+    assert json.loads((tmp_path / "results.json").read_text()) == results
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
         ["epoch000.ckpt", "last.ckpt"]  # no last-v1.ckpt beside a stale last.ckpt
 
@@ -171,6 +227,109 @@ def test_faults_after_training_are_recorded_not_lost(
     assert "compact_model" not in results
 
 
+def test_a_run_dir_made_read_only_at_fit_end_loses_nothing_and_relaunches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: dict) -> None:
+    """The run dir turns read-only after the last epoch's checkpoint (simulated: writes
+    below it raise PermissionError, as root ignores chmod). Lightning's CSV logger fails
+    first, in the fit loop: train raises, with no results.json (none can be written) and the
+    checkpoints intact; relaunched with the same command once the dir is writable again,
+    the run redoes its fit end and ends with an untroubled run's results."""
+    import builtins
+    import io
+
+    import lifecycle_callbacks
+
+    real_os_open, real_open = os.open, builtins.open
+
+    def refused(path: object) -> bool:
+        if not isinstance(path, (str, os.PathLike)):
+            return False
+        path = Path(os.fsdecode(path)).resolve()
+        return any(d == path or d in path.parents for d in lifecycle_callbacks.UNWRITABLE)
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and refused(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and refused(file):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    run = ["ckpt_path=last", "+callbacks.ro._target_=lifecycle_callbacks.ReadOnlyAtFitEnd",
+           f"+callbacks.ro.path={tmp_path}"]
+    try:
+        with monkeypatch.context() as patch:
+            for target, name, value in ((os, "open", os_open), (builtins, "open", open_),
+                                        (io, "open", open_)):
+                patch.setattr(target, name, value)
+            with pytest.raises(PermissionError, match="Permission denied"):
+                train(_cfg(tmp_path, *run))
+    finally:
+        lifecycle_callbacks.UNWRITABLE.clear()  # writable again
+    assert not (tmp_path / "results.json").exists()  # no results.json is better than a lie
+    last = _ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == BATCHES and _lrpet_state(last)["num_projections"] == 1
+    again = train(_cfg(tmp_path, *run[:1]))
+    assert json.loads((tmp_path / "results.json").read_text()) == again
+    assert again["status"] == "already_finished" and not again["errors"]
+    for key in ("val_acc", "test_acc", "epochs", "num_projections"):
+        assert again[key] == reference[key], key
+    assert again["flops_reduction"] in (None, reference["flops_reduction"])
+    assert Path(again["compact_model"]).is_file()
+
+
+def test_a_transient_solver_failure_at_the_last_projection_still_ends_exactly_low_rank(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: dict) -> None:
+    """Every solver attempt for one layer fails at the last scheduled projection (and only
+    there): the layer is skipped with a warning, the final projection makes every layer
+    exactly rank r before the decomposition, and results.json reports the untroubled
+    run's ranks, FLOPs and parameter reductions."""
+    import lrpet_lightning.callback as callback_module
+    from lrpet_lightning.core import transforms
+    from lrpet_lightning.core.linalg import weight_to_matrix
+    from lrpet_lightning.models import build_model
+
+    net = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+    shapes = {n: tuple(weight_to_matrix(m.weight).shape) for n, m in net.named_modules()
+              if isinstance(m, torch.nn.Conv2d)}
+    target = shapes["layer2.0.conv1"]
+    assert list(shapes.values()).count(target) == 1  # the failure hits this layer alone
+    solve, state = transforms.project_matrix, {"failing": True, "failed": 0}
+
+    def flaky(M, *args, **kwargs):
+        if state["failing"] and tuple(M.shape) == target:
+            state["failed"] += 1
+            raise torch.linalg.LinAlgError("simulated transient solver failure")
+        state["failing"] = state["failing"] and not state["failed"]  # the next layer: over
+        return solve(M, *args, **kwargs)
+
+    real_decompose, seen = callback_module.decompose_, {}
+
+    def checked_decompose(module, ranks, **kwargs):
+        for name, rank in ranks.items():  # the final weights, just before decomposition
+            w = weight_to_matrix(module.get_submodule(name).weight.detach())
+            seen[name] = (int(torch.linalg.matrix_rank(w, rtol=1e-5)), rank)
+        return real_decompose(module, ranks=ranks, **kwargs)
+
+    monkeypatch.setattr(transforms, "project_matrix", flaky)
+    monkeypatch.setattr(callback_module, "decompose_", checked_decompose)
+    with pytest.warns(RuntimeWarning, match=r"layer2\.0\.conv1 failed and is skipped"):
+        results = train(_cfg(tmp_path))
+    assert state["failed"] >= 1 and not state["failing"]
+    assert len(seen) == 19 and all(got <= rank for got, rank in seen.values()), seen
+    assert results["status"] == "finished" and not results["errors"]
+    # The untroubled run is exactly low rank after its one (scheduled) projection and skips
+    # the final one; this run needs it.
+    assert (reference["num_projections"], results["num_projections"]) == (1, 2)
+    for key in ("flops_reduction", "params_reduction"):
+        assert results[key] == pytest.approx(reference[key], rel=1e-12), key
+    ours = json.loads(Path(results["report"]).read_text())["layers"]
+    theirs = json.loads(Path(reference["report"]).read_text())["layers"]
+    assert [(r["name"], r["rank"]) for r in ours] == [(r["name"], r["rank"]) for r in theirs]
+
+
 def test_the_run_logs_what_it_trains_and_where(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="lrpet_lightning"):
@@ -181,36 +340,11 @@ def test_the_run_logs_what_it_trains_and_where(
 
 
 # ------------------------------------------------------------- kill and relaunch, for real
-WAITER = '''
-import os, sys, time
-import lightning.pytorch as pl
-
-
-class WaitAt(pl.Callback):
-    """Writes <marker>.<step> and blocks at the start of the batch reaching global step
-    ``step`` (once per marker), until Lightning saw SIGTERM or the process is killed."""
-
-    def __init__(self, steps, marker):
-        self.steps, self.marker = list(steps), marker
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        marker = f"{self.marker}.{trainer.global_step}"
-        if trainer.global_step not in self.steps or os.path.exists(marker):
-            return
-        open(marker, "w").close()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not trainer.received_sigterm:
-            time.sleep(0.01)
-        if not trainer.received_sigterm:
-            sys.exit(3)  # no signal came: fail loudly
-'''
-
-
 def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
     """``python -m lrpet_lightning.app`` with the shipped configs, 3 epochs of 4 batches,
     ``ckpt_path=last``: the one command for the first launch and every relaunch."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1",
-           "PYTHONPATH": os.pathsep.join([str(run_dir.parent), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     log = open(run_dir.parent / f"{run_dir.name}.out", "a")
     return subprocess.Popen(
         [sys.executable, "-m", "lrpet_lightning.app", "trainer.max_epochs=3",
@@ -231,8 +365,9 @@ def _wait(proc: subprocess.Popen, run_dir: Path, rc: int) -> None:
     assert proc.returncode == rc, out[-4000:]
 
 
-def _interrupt(run_dir: Path, sig: signal.Signals, at: int, waiter: list[str]) -> None:
-    """Launch, wait until the run blocks at global step ``at`` (mid-epoch), send ``sig``."""
+def _interrupt(run_dir: Path, sig: signal.Signals, at: str, waiter: list[str]) -> None:
+    """Launch, wait until the run blocks at ``at`` (``wait.<at>`` appears: a global step
+    mid-epoch, or ``projection<epoch>`` inside a projection), send ``sig``."""
     proc = _launch(run_dir, *waiter)
     marker = run_dir.parent / f"wait.{at}"
     deadline = time.monotonic() + 300
@@ -251,22 +386,27 @@ def _interrupt(run_dir: Path, sig: signal.Signals, at: int, waiter: list[str]) -
     assert not (run_dir / "results.json").exists()
 
 
-@pytest.mark.slow  # four fresh interpreters: ~40 s on 2 idle cores, 2 min on busy ones
+@pytest.mark.slow  # five fresh interpreters: ~40 s on 2 idle cores, 2 min on busy ones
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_killed_mid_epoch_and_relaunched_with_the_same_command_ends_as_if_never_stopped(
         tmp_path: Path) -> None:
-    """SIGKILL in epoch 1, then SIGTERM in epoch 2, each relaunched with the very same
-    command: the same compact weights, results and projection count as a run never
-    stopped. Exact because the digits order and shifts are drawn from (seed, epoch,
-    sample), and last.ckpt is every epoch's (the killed epoch is trained again)."""
-    (tmp_path / "lifecycle_waiter.py").write_text(WAITER)
-    waiter = ["+callbacks.waiter._target_=lifecycle_waiter.WaitAt",
-              "+callbacks.waiter.steps=[6,10]", f"+callbacks.waiter.marker={tmp_path / 'wait'}"]
+    """SIGKILL in epoch 1, SIGKILL inside epoch 1's projection (5 of 19 layers solved, none
+    written), then SIGTERM in epoch 2, each relaunched with the very same command: the
+    same compact weights, results and projection count as a run never stopped. Exact
+    because the digits order and shifts are drawn from (seed, epoch, sample), and last.ckpt
+    is every epoch's (the killed epoch is trained again)."""
+    waiter = ["+callbacks.waiter._target_=lifecycle_callbacks.WaitAt",
+              "+callbacks.waiter.steps=[6,10]", f"+callbacks.waiter.marker={tmp_path / 'wait'}",
+              "+callbacks.waiter.project_epochs=[1]", "+callbacks.waiter.after_layers=5"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     reference = _launch(straight)  # alongside the first launch of the other (two cores)
     try:
-        _interrupt(stopped, signal.SIGKILL, 6, waiter)  # epoch 1, batch 2 of 4
-        _interrupt(stopped, signal.SIGTERM, 10, waiter)  # epoch 2, batch 2 of 4
+        _interrupt(stopped, signal.SIGKILL, "6", waiter)  # epoch 1, batch 2 of 4
+        _interrupt(stopped, signal.SIGKILL, "projection1", waiter)  # epoch 1's projection
+        # Killed mid-projection: on disk is epoch 0's checkpoint, projected once.
+        last = _ckpt(stopped / "checkpoints" / "last.ckpt")
+        assert last["global_step"] == 4 and _lrpet_state(last)["num_projections"] == 1
+        _interrupt(stopped, signal.SIGTERM, "10", waiter)  # epoch 2, batch 2 of 4
         final = _launch(stopped, *waiter)
         _wait(final, stopped, 0)
         _wait(reference, straight, 0)
@@ -285,10 +425,12 @@ def test_killed_mid_epoch_and_relaunched_with_the_same_command_ends_as_if_never_
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     # Nothing of an earlier launch is lost: each one's metrics, and one log of them all.
     csv_dir = stopped / "csv"
+    # The launch killed mid-projection had written no metrics yet (Lightning's CSV logger
+    # buffers them): two earlier launches left a metrics.csv to keep.
     assert sorted(p.name for p in csv_dir.glob("metrics*.csv")) == \
         ["metrics-launch1.csv", "metrics-launch2.csv", "metrics.csv"]
     log_text = (stopped / "train.log").read_text()
-    assert log_text.count("training resnet20 on DigitsDataModule") == 3
+    assert log_text.count("training resnet20 on DigitsDataModule") == 4
     assert "LRPET: projecting 19 layer(s) every 1 epoch(s)" in log_text  # Lightning's logger
     assert f"results in {stopped / 'results.json'}" in log_text
 
@@ -355,14 +497,13 @@ def test_the_compact_model_records_its_inputs_and_refuses_others(tmp_path: Path)
 
 
 def test_a_fault_at_fit_end_is_recorded_and_a_relaunch_redoes_the_end(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: dict) -> None:
     """The callback's decomposition fails after training: results.json says so (status
     failed, no FLOPs figure, no compact model); relaunched with ckpt_path=last, the app
     decomposes the checkpoint's weights itself and measures the report it writes."""
     import lrpet_lightning.callback as callback_module
 
-    clean = train(_cfg(tmp_path / "clean", "test=false"))
-
+    clean = reference
     def broken(*args, **kwargs):
         raise RuntimeError("simulated solver failure")
 
@@ -392,3 +533,28 @@ def test_the_lightning_range_pyproject_claims_is_the_one_installed() -> None:
     assert lightning.__version__ in requirement.specifier
     assert not requirement.specifier.contains("2.7.0") and not requirement.specifier.contains(
         "2.5.0")
+
+
+# ------------------------------------------------------------------ docs/resume.md, pinned
+def test_every_sentence_of_the_resume_page_is_pinned_by_a_test() -> None:
+    """Each sentence of docs/resume.md begins as one key of lifecycle_pins.PINS does, each
+    key is used once, and each test it names exists: editing the page, or dropping a test,
+    fails here."""
+    import lifecycle_pins
+
+    pins = lifecycle_pins.PINS
+    sentences = lifecycle_pins.sentences(lifecycle_pins.RESUME_PAGE.read_text())
+    assert len(sentences) >= 20
+    for sentence in sentences:
+        keys = [key for key in pins if sentence.startswith(key)]
+        assert len(keys) == 1, f"docs/resume.md: no (or no single) test pins {sentence!r}"
+    for key in pins:
+        assert sum(s.startswith(key) for s in sentences) == 1, f"not on the page: {key!r}"
+    for names in pins.values():
+        for name in names:
+            module, _, function = name.rpartition("::")
+            source = (HERE / (module or Path(__file__).name)).read_text()
+            assert f"\ndef {function}(" in source, f"no test {name}"
+    statuses = next(s for s in sentences if s.startswith("`status` is"))
+    assert statuses.count('`"') == len(app.STATUSES)
+    assert all(f'`"{status}"`' in statuses for status in app.STATUSES)

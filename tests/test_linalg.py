@@ -1,7 +1,8 @@
-"""Exact maths of one LRPET projection (ALGORITHM.md §3, §4, §6) on matrices of known rank.
+"""Exact maths of one LRPET projection (docs/method.md: the rank from a ratio, the projection
+with energy transfer, the two thin layers) on matrices of known rank.
 
 Everything runs in float64 so that "equal" means equal to ~1e-12, and every expected value
-comes from an independent re-implementation written here straight from ALGORITHM.md §4
+comes from an independent re-implementation written here straight from docs/method.md
 (full SVD, rescale, rebuild), never from the code under test.
 """
 
@@ -69,7 +70,7 @@ def _energy(M: Tensor) -> Tensor:
 def reference_projection(
     M: Tensor, r: int, rho: float = 0.0, energy_transfer: bool = True
 ) -> Tensor:
-    """ALGORITHM.md §4 steps 2-4, literally: full SVD, rescale, rebuild."""
+    """The projection (docs/method.md), literally: full SVD, rescale, rebuild."""
     U, s, Vh = torch.linalg.svd(M, full_matrices=False)
     s_new = s.clone()
     if energy_transfer:
@@ -80,7 +81,7 @@ def reference_projection(
 
 
 def reference_rectified(M: Tensor, r: int, a: Tensor, rho: float = 0.0) -> Tensor:
-    """ALGORITHM.md §4 with BN rectification: ``diag(a/(a^2+eps1)) @ P(diag(a) @ M)``."""
+    """The projection with BN rectification: ``diag(a/(a^2+eps1)) @ P(diag(a) @ M)``."""
     a = a.reshape(-1, 1)
     return (a / (a.square() + 1e-5)) * reference_projection(a * M, r, rho)
 
@@ -330,11 +331,14 @@ def test_gram_keeps_its_precision_under_reduced_float32_matmul_precision(precisi
 
 def test_top_singular_triplets_rejects_bad_rank_and_method() -> None:
     M = _random(4, 6)
-    with pytest.raises(ValueError, match=r"r must be in \[1, 4\].*got 5"):
+    with pytest.raises(ValueError, match=r"r must be an int in \[1, 4\] \(kept rank of a 4x6 "
+                                         r"matrix\), got 5$"):
         top_singular_triplets(M, 5)
-    with pytest.raises(ValueError, match=r"r must be in \[1, 4\].*got 0"):
+    with pytest.raises(ValueError, match=r"r must be an int in \[1, 4\].*got 0$"):
         top_singular_triplets(M, 0)
-    with pytest.raises(ValueError, match="svd_method.*'foo'"):
+    with pytest.raises(TypeError, match=r"r must be an int in \[1, 4\].*got 2\.0$"):
+        top_singular_triplets(M, 2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="svd_method must be one of 'exact', .*got 'foo'$"):
         top_singular_triplets(M, 2, "foo")  # type: ignore[arg-type]
 
 

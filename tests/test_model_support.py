@@ -236,7 +236,7 @@ def test_projection_is_transactional(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transforms, "_project_with_fallbacks", interrupted)
     with pytest.raises(KeyboardInterrupt):
         project_low_rank_(model, rank_ratio=0.25, bn_rectification=False)
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 def test_decompose_warns_when_truncating_a_full_rank_layer_and_when_nothing_is_done() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -76,8 +77,11 @@ def test_default_spectra_layers_are_first_middle_last_ungrouped_conv() -> None:
     assert default_spectra_layers(_Net(), count=1) == ["conv1"]
     names = default_spectra_layers(build_model("resnet20"))
     assert names == ["conv1", "layer2.1.conv1", "layer3.2.conv2"]
-    with pytest.raises(ValueError, match="count must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"count must be an int >= 1 \(how many layers to "
+                                         r"pick\), got 0$"):
         default_spectra_layers(_Net(), count=0)
+    with pytest.raises(TypeError, match=r"count must be an int >= 1.*got 2\.0$"):
+        default_spectra_layers(_Net(), count=2.0)
 
 
 @pytest.mark.parametrize("name", ["nothing", "bn1"])
@@ -156,3 +160,54 @@ def test_plot_pareto_writes_a_png(tmp_path: Path) -> None:
                "pareto": False}]
     _assert_png(plot_pareto(points, tmp_path / "pareto.png",
                             baselines=[{"label": "run 2", "accuracy": 0.95}]))
+
+
+def _rows(count: int) -> list[dict]:
+    """ResNet-56-like rows: ``count`` layers, energies at 1.0 where the legend used to sit."""
+    return [{"name": f"layer{i // 18 + 1}.{i % 18 // 2}.conv{i % 2 + 1}", "rank": 6,
+             "full_rank": 16, "kept_energy": 1.0, "first_kept_energy": 0.5}
+            for i in range(count)]
+
+
+def _draw(rows: list[dict]):
+    from lrpet_lightning.plots import _draw_ranks, _pyplot
+
+    plt = _pyplot()
+    fig = plt.figure(figsize=(min(max(10.0, 2.0 + 0.2 * len(rows)), 32.0), 4.5))
+    ax = fig.add_subplot()
+    _draw_ranks(ax, rows, {"flops_reduction": 0.5, "params_reduction": 0.5})
+    fig.tight_layout()
+    fig.canvas.draw()
+    return plt, fig, ax
+
+
+def test_rank_panel_legend_is_outside_the_axes() -> None:
+    # Inside, the legend covered the first layers' bars and kept-energy points.
+    plt, fig, ax = _draw(_rows(55))
+    legend = ax.get_legend().get_window_extent()
+    assert legend.y0 >= ax.get_window_extent().y1 - 1
+    assert legend.y1 <= ax.title.get_window_extent().y0 + 1  # and below the title
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("count", [55, 400])
+def test_rank_panel_names_are_readable_and_never_overlap(count: int) -> None:
+    plt, fig, ax = _draw(_rows(count))
+    labels = [t for t in ax.get_xticklabels() if t.get_text()]
+    assert all(t.get_fontsize() >= 7 for t in labels)
+    boxes = [t.get_window_extent() for t in labels]
+    assert all(a.x1 <= b.x0 for a, b in itertools.pairwise(boxes))
+    if count == 55:  # ResNet-56: every layer named
+        assert len(labels) == count
+    else:  # too many to name: thinned out, and said so
+        assert len(labels) < count and "every" in ax.get_xlabel()
+    plt.close(fig)
+
+
+def test_figure_grows_with_the_layer_count(tmp_path: Path) -> None:
+    from PIL import Image
+
+    small = plot_compression(None, tmp_path / "small.png", records=_rows(10))
+    deep = plot_compression(None, tmp_path / "deep.png", records=_rows(110))
+    (w_small, h_small), (w_deep, h_deep) = (Image.open(p).size for p in (small, deep))
+    assert w_deep > w_small and h_deep >= h_small

@@ -11,7 +11,7 @@ Where the figures come from — the paper's own tables could not be retrieved he
 abstract pages of arXiv 2204.05566 were reachable), so every figure is the one the authors'
 public reference code prints or states for the same setting:
 
-- CIFAR ResNet-56 / ResNet-110: ALGORITHM.md §3, i.e. the reference ``cifar10_train.py``
+- CIFAR ResNet-56 / ResNet-110: the reference ``cifar10_train.py``
   comments (``prun_goal`` 0.80 -> 79.1 %, 0.54 -> 51.0 %; ResNet-110 0.62 -> 58.2 %,
   0.70 -> 69.3 %).
 - ImageNet ResNet-34 / ResNet-50: the reference ``imagenet_resnet_trans_train.py`` comments
@@ -113,7 +113,7 @@ def test_vgg16_reference_rank_lists(ranks: list[int], reference: float) -> None:
     with torch.device("meta"):
         net = build_model("vgg16_bn")
         dense = copy.deepcopy(net)
-        decompose_(net, ranks={f"features.{i}": r for i, r in zip(VGG_CONVS, ranks)})
+        decompose_(net, ranks={f"features.{i}": r for i, r in zip(VGG_CONVS, ranks, strict=True)})
         report = compression_report(dense, net, torch.zeros(1, 3, 32, 32))
     assert 100 * report.flops_reduction == pytest.approx(reference, abs=TOLERANCE)
 
@@ -121,7 +121,7 @@ def test_vgg16_reference_rank_lists(ranks: list[int], reference: float) -> None:
 def test_vgg16_preset_plans_the_reference_ranks() -> None:
     _, ranks = _decompose_as_the_app(_compose("cifar10_vgg16"))
     expected = VGG_REFERENCE_LISTS[1][0]
-    assert ranks == {f"model.features.{i}": r for i, r in zip(VGG_CONVS, expected)}
+    assert ranks == {f"model.features.{i}": r for i, r in zip(VGG_CONVS, expected, strict=True)}
 
 
 def test_vgg16_preset_trains_in_the_app(tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ def test_meta_count_equals_the_count_with_real_weights() -> None:
 
 @pytest.mark.parametrize("preset", sorted(REFERENCE))
 def test_preset_follows_the_paper_recipe(preset: str) -> None:
-    """ALGORITHM.md §5: the CIFAR and ImageNet schedules."""
+    """The paper's CIFAR and ImageNet schedules."""
     cfg = _compose(preset)
     lrpet: Any = cfg.callbacks.lrpet
     assert cfg.optim.lr == 0.1 and cfg.optim.momentum == 0.9

@@ -1,4 +1,4 @@
-"""``compression_report`` against the paper's figures (ALGORITHM.md §3) and hand counts."""
+"""``compression_report`` against the paper's figures and hand counts."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _report(depth: int, rank_ratio: float) -> tuple[nn.Module, CompressionReport
     dense = factory()
     compact = copy.deepcopy(dense)
     ranks = decompose_(compact, rank_ratio=rank_ratio)
-    # The paper decomposes every conv (ALGORITHM.md §3); none may stay dense here.
+    # The paper decomposes every conv; none may stay dense here.
     assert len(ranks) == sum(isinstance(m, nn.Conv2d) for m in dense.modules())
     return dense, compression_report(dense, compact, torch.randn(INPUT))
 
@@ -39,7 +39,7 @@ def _report(depth: int, rank_ratio: float) -> tuple[nn.Module, CompressionReport
         (56, 0.20, 79.1, 0.1),  # quoted to one decimal: within rounding of the last digit
         (110, 0.38, 58.2, 0.1),
         (110, 0.30, 69.3, 0.1),
-        (56, 0.46, 51.0, 0.5),  # quoted as "~51 %"; ALGORITHM.md allows half a point
+        (56, 0.46, 51.0, 0.5),  # quoted as "~51 %"; half a point allowed
     ],
 )
 def test_flops_reduction_matches_paper(
@@ -125,3 +125,33 @@ def test_report_of_an_undecomposed_model_shows_no_saving() -> None:
     report = compression_report(model, copy.deepcopy(model), torch.randn(INPUT))
     assert report.flops_reduction == 0.0 and report.params_reduction == 0.0
     assert all(row.rank is None for row in report.layers)
+
+
+def test_rank_report_counts_copies_and_qualified_names_the_rows(tmp_path) -> None:
+    from lrpet_lightning.core.report import rank_report
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = rank_report(model, {"2": 8}, torch.randn(1, 3, 16, 16))
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in before.items()}  # the model itself is not decomposed
+    assert {row.name: row.rank for row in report.layers} == {"0": None, "2": 8}
+    assert 0 < report.params_reduction < 1
+    named = report.qualified("net")
+    assert [row.name for row in named.layers] == ["net.0", "net.2"]
+    assert named.flops_reduction == report.flops_reduction and report.qualified("") is report
+    path = named.save(tmp_path / "sub" / "report.json")
+    assert json.loads(path.read_text()) == json.loads(json.dumps(named.to_dict()))
+
+
+def test_projection_summary_averages_the_projected_layers_only() -> None:
+    from lrpet_lightning.core.report import projection_summary
+    from lrpet_lightning.core.transforms import LayerRecord
+
+    records = [LayerRecord("a", 2, 4, 0.5, 0.1, False), LayerRecord("b", 2, 4, 0.7, 0.3, True),
+               LayerRecord("c", 4, 4, 1.0, 0.0, False, skipped="rank >= full rank")]
+    summary = projection_summary(records)
+    assert summary == pytest.approx({"mean_kept_energy": 0.6, "mean_relative_change": 0.2})
+    per_layer = projection_summary(records, per_layer=True)
+    assert per_layer["kept_energy/b"] == 0.7 and "kept_energy/c" not in per_layer
+    assert projection_summary([]) == {"mean_kept_energy": 0.0, "mean_relative_change": 0.0}

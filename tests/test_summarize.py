@@ -74,7 +74,8 @@ def test_multirun_over_rank_ratios_then_summarize(tmp_path: Path,
     rows = _read_csv(sweep / "summary.csv")
     assert [row["run"] for row in rows] == ["0", "1"]
     assert [row["callbacks.lrpet.rank_ratio"] for row in rows] == ["0.1", "0.2"]
-    for row, result in zip(rows, results):  # the table holds exactly what the runs wrote
+    # The table holds exactly what the runs wrote.
+    for row, result in zip(rows, results, strict=True):
         for key in ("rank_ratio", "flops_reduction", "params_reduction", "val_acc",
                     "test_acc", "wall_time_s"):
             assert float(row[key]) == pytest.approx(result[key], rel=1e-12), key

@@ -69,7 +69,7 @@ def _warm_bn(model: nn.Module, x: Tensor, steps: int = 3) -> None:
 
 @torch.no_grad()
 def _expected_projection(module: nn.Module, rank: int, bn: _BatchNorm | None) -> Tensor:
-    """The weight ALGORITHM.md §4 gives for ``module``, computed by hand from linalg."""
+    """The weight the method (docs/method.md) gives for ``module``, computed by hand from linalg."""
     w = module.weight.detach()
     compute = torch.float64 if w.dtype == torch.float64 else torch.float32
     scale = None if bn is None else bn_scale(bn.running_var, bn.eps, bn.weight)
@@ -394,7 +394,7 @@ def test_all_zero_layer_is_skipped() -> None:
 
 # --------------------------------------------------------------------- decomposition
 def _check_factorized(fact: nn.Module, dense: nn.Module, rank: int) -> None:
-    """Shapes and settings ALGORITHM.md §6 prescribes for the two thin layers."""
+    """Shapes and settings the method (docs/method.md) prescribes for the two thin layers."""
     first, second = fact.first, fact.second
     assert type(first) is type(dense) and type(second) is type(dense)
     assert first.bias is None and fact.rank == rank

@@ -86,7 +86,7 @@ def relative_error(output: Any, expected: Any) -> float:
     a, b = leaves(output), leaves(expected)
     assert len(a) == len(b), f"{len(a)} output tensors, expected {len(b)}"
     num = den = 0.0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.shape == y.shape, f"output shape {tuple(x.shape)}, expected {tuple(y.shape)}"
         if not y.is_floating_point():
             if not torch.equal(x, y):
@@ -613,7 +613,7 @@ def test_save_load_roundtrip(zoo: Entry, tmp_path) -> None:
         f"state dict keys differ: {sorted(set(ours) ^ set(theirs))[:6]}")
     differ = [k for k in ours if not torch.equal(ours[k], theirs[k])]
     assert not differ, f"loaded tensors differ: {differ[:6]}"
-    for a, b in zip(leaves(run(loaded, x)), leaves(run(compact, x))):
+    for a, b in zip(leaves(run(loaded, x)), leaves(run(compact, x)), strict=True):
         assert torch.equal(a, b), "outputs of the loaded model differ"
 
 

@@ -43,7 +43,8 @@ def _close(a: Any, b: Any) -> bool:
     a = a if isinstance(a, (list, tuple)) else [a]
     b = b if isinstance(b, (list, tuple)) else [b]
     return len(a) == len(b) and all(
-        math.isclose(float(x), float(y), rel_tol=1e-5, abs_tol=1e-7) for x, y in zip(a, b))
+        math.isclose(float(x), float(y), rel_tol=1e-5, abs_tol=1e-7)
+        for x, y in zip(a, b, strict=True))
 
 
 def _check_datamodule(path: Path, spec: dict[str, Any], datamodule: Any) -> None:
@@ -101,9 +102,10 @@ def load_compact_model(path: str | Path, *, datamodule: Any = None,
             lacks what rebuilding needs, or a ``datamodule`` unlike the run's (each message
             names the file and what is wrong).
 
-    Example:
-        >>> model = load_compact_model("outputs/…/compact_model.pt")
-        >>> datamodule = load_compact_datamodule("outputs/…/compact_model.pt")
+    Example::
+
+        model = load_compact_model("outputs/.../compact_model.pt")
+        datamodule = load_compact_datamodule("outputs/.../compact_model.pt")
     """
     path = Path(path)
     meta = read_compact(path)["metadata"]

@@ -1,7 +1,7 @@
 """``ImageClassifier``: the LightningModule the training app wraps around any image model."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning as L
@@ -18,14 +18,23 @@ from torch.optim.lr_scheduler import (
 )
 from torchmetrics.classification import MulticlassAccuracy
 
+from lrpet_lightning.core.checks import check_bool, check_choice, check_float, check_int
+
 __all__ = ["SCHEDULERS", "ImageClassifier"]
 
 SCHEDULERS = ("multistep", "cosine", "none")
 
 
-def _check_range(name: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+def _epochs(name: str, value: Any) -> list[int]:
+    """``value`` as a list of int epochs (Hydra's ListConfig too)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a list of int epochs, got {value!r} "
+                        f"({type(value).__name__})")
+    epochs = list(value)
+    for epoch in epochs:
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise TypeError(f"{name} must be a list of int epochs, got {epochs!r}")
+    return epochs
 
 
 class ImageClassifier(L.LightningModule):
@@ -51,7 +60,8 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing in [0, 1).
 
     Raises:
-        ValueError: on an out-of-range or wrong-type argument or an unknown scheduler.
+        TypeError: an argument of the wrong type (e.g. ``lr="0.1"``), each named.
+        ValueError: an out-of-range argument or an unknown scheduler.
 
     Example:
         >>> clf = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), num_classes=10)
@@ -77,41 +87,30 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
-                            ("gamma", gamma), ("label_smoothing", label_smoothing)):
-            # Checked first: a string from an override (lr=abc) would fail the range
-            # comparison below with a bare TypeError that names nothing.
-            _check_range(name, value, isinstance(value, (int, float))
-                         and not isinstance(value, bool), "a number")
-        _check_range("nesterov", nesterov, isinstance(nesterov, bool), "true or false")
-        _check_range("scheduler", scheduler, isinstance(scheduler, str), f"one of {SCHEDULERS}")
-        _check_range("milestones", milestones, not isinstance(milestones, (str, bytes))
-                     and all(isinstance(m, int) and not isinstance(m, bool)
-                             for m in milestones), "a list of integer epochs")
-        _check_range("max_epochs", max_epochs, max_epochs is None
-                     or (isinstance(max_epochs, int) and not isinstance(max_epochs, bool)),
-                     "None or an integer >= 1")
-        _check_range("num_classes", num_classes,
-                     isinstance(num_classes, int) and num_classes >= 2, "an integer >= 2")
-        _check_range("lr", lr, lr > 0, "> 0")
-        _check_range("momentum", momentum, 0 <= momentum < 1, "in [0, 1)")
-        _check_range("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
-        _check_range("label_smoothing", label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)")
-        _check_range("gamma", gamma, 0 < gamma <= 1, "in (0, 1]")
-        _check_range("scheduler", scheduler, scheduler in SCHEDULERS, f"one of {SCHEDULERS}")
-        _check_range("nesterov", nesterov, not (nesterov and momentum == 0),
-                     "False when momentum is 0")
-        milestones = [int(m) for m in milestones]  # also accepts Hydra's ListConfig
-        _check_range("milestones", milestones,
-                     all(a < b for a, b in zip([0] + milestones, milestones)),
-                     "strictly increasing positive epochs")
-        _check_range("max_epochs", max_epochs, max_epochs is None or max_epochs >= 1,
-                     "None or >= 1")
-        _check_range("warmup_epochs", warmup_epochs,
-                     isinstance(warmup_epochs, int) and warmup_epochs >= 0, "an integer >= 0")
-        _check_range("milestones", milestones,
-                     scheduler != "multistep" or all(m > warmup_epochs for m in milestones),
-                     f"after the warm-up (> warmup_epochs={warmup_epochs})")
+        # Types first, each with its name: a string from an override (optim.lr=abc) must
+        # not reach a comparison that fails with a bare TypeError naming nothing.
+        check_int("num_classes", num_classes, minimum=2)
+        check_float("lr", lr, low=0, low_open=True)
+        check_float("momentum", momentum, low=0, high=1, high_open=True)
+        check_float("weight_decay", weight_decay, low=0)
+        check_bool("nesterov", nesterov)
+        if not isinstance(scheduler, str):
+            raise TypeError(f"scheduler must be one of {', '.join(map(repr, SCHEDULERS))}, "
+                            f"got {scheduler!r} ({type(scheduler).__name__})")
+        check_choice("scheduler", scheduler, SCHEDULERS)
+        milestones = _epochs("milestones", milestones)
+        check_float("gamma", gamma, low=0, high=1, low_open=True)
+        check_int("max_epochs", max_epochs, minimum=1, optional=True)
+        check_int("warmup_epochs", warmup_epochs, minimum=0)
+        check_float("label_smoothing", label_smoothing, low=0, high=1, high_open=True)
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov must be False when momentum is 0, got True")
+        if not all(a < b for a, b in zip([0, *milestones[:-1]], milestones, strict=True)):
+            raise ValueError(f"milestones must be strictly increasing positive epochs, "
+                             f"got {milestones!r}")
+        if scheduler == "multistep" and not all(m > warmup_epochs for m in milestones):
+            raise ValueError(f"milestones must be after the warm-up (> warmup_epochs="
+                             f"{warmup_epochs}), got {milestones!r}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         #: ``{"epoch", "step", "loss"}`` of the first non-finite training loss (``loss`` as a
@@ -191,8 +190,9 @@ class ImageClassifier(L.LightningModule):
                     "scheduler='cosine' needs max_epochs (or trainer.max_epochs) >= 1, "
                     f"got {total!r}"
                 )
-            _check_range("warmup_epochs", warmup, warmup < total,
-                         f"< the cosine period ({total} epochs)")
+            if warmup >= total:
+                raise ValueError(f"warmup_epochs must be < the cosine period ({total} "
+                                 f"epochs), got {warmup}")
             main = CosineAnnealingLR(optimizer, T_max=total - warmup)
         if warmup == 0:
             return main

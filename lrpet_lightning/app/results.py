@@ -1,5 +1,6 @@
-"""What a run reports: ``results.json``'s status and values, the objective a sweeper
-maximizes, and the summary printed at the end. A value that was not measured is None,
+"""What a run reports: ``results.json``'s status and values (the keys and their meaning:
+:mod:`lrpet_lightning.app.schema`), the objective a sweeper maximizes, and the summary
+printed at the end. A value that was not measured is None,
 never a default 0.0, and nothing non-finite reaches the JSON file."""
 
 from __future__ import annotations
@@ -14,17 +15,13 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
+from lrpet_lightning.app.schema import OBJECTIVE_METRICS
 from lrpet_lightning.core.report import CompressionReport, compression_report
 
 __all__ = ["OBJECTIVE_METRICS", "RunProbe", "count_compression", "finished_results",
            "finite_weights", "json_safe", "objective_config", "objective_value", "summary"]
 
 log = logging.getLogger(__name__)
-
-
-#: results.json keys ``objective.metric`` may name (higher is better for each).
-OBJECTIVE_METRICS = ("val_acc", "test_acc", "test_acc_top5", "flops_reduction",
-                     "params_reduction")
 
 
 def objective_config(cfg: DictConfig) -> dict[str, Any] | None:

@@ -19,14 +19,14 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
+from lrpet_lightning.app.schema import STATUSES  # re-exported: its old home
+
 __all__ = ["RUN_OUTPUTS", "STATUSES", "check_compact_model_name", "check_writable",
            "claim_run_dir", "existing_outputs", "keep_metrics_history", "resumes_run_in"]
 
 log = logging.getLogger(__name__)
 
 
-#: What ``results["status"]`` may say.
-STATUSES = ("finished", "diverged", "failed", "already_finished")
 #: Files ``train`` writes into the run dir besides the compact model and the checkpoints.
 RUN_OUTPUTS = ("results.json", "compression_report.json", "compression_report.md",
                "compression_report.png")

@@ -22,11 +22,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from lrpet_lightning.app.schema import ACCURACY_METRICS
+
 __all__ = ["ACCURACY_METRICS", "Run", "load_runs", "main", "pareto_front", "summarize"]
 
-#: Accuracies the plot and the Pareto front may use (results.json keys).
-ACCURACY_METRICS = ("test_acc", "val_acc")
-#: results.json values in every row, after the swept overrides.
+#: results.json values in every row, after the swept overrides (keys of RESULT_KEYS).
 _VALUE_COLUMNS = ("rank_ratio", "flops_reduction", "params_reduction", "val_acc", "test_acc",
                   "wall_time_s")
 _LONG_FLOAT = re.compile(r"-?\d+\.\d{5,}")
@@ -152,7 +152,8 @@ def _rows(runs: list[Run], metric: str) -> tuple[list[str], list[dict[str, Any]]
     columns = ["run", *swept, "lrpet", *_VALUE_COLUMNS, *extra, "pareto"]
     compressed = [run for run in runs if run.lrpet and _plottable(run, metric)]
     on_front = dict(zip((run.name for run in compressed), pareto_front(
-        [(run.results["flops_reduction"], run.results[metric]) for run in compressed])))
+        [(run.results["flops_reduction"], run.results[metric]) for run in compressed]),
+        strict=True))
     rows = []
     for run in runs:
         row: dict[str, Any] = {"run": run.name, "lrpet": run.lrpet}
@@ -258,9 +259,10 @@ def summarize(multirun_dir: str | Path, *, metric: str | None = None) -> str:
     swept = columns[1:columns.index("lrpet")]
     points = [{"label": _label(row, swept), "flops_reduction": row["flops_reduction"],
                "accuracy": row[metric], "pareto": row["pareto"]}
-              for row, run in zip(rows, runs) if run.lrpet and _plottable(run, metric)]
+              for row, run in zip(rows, runs, strict=True) if run.lrpet and _plottable(run, metric)]
     baselines = [{"label": f"run {row['run']}", "accuracy": row[metric]}
-                 for row, run in zip(rows, runs) if not run.lrpet and _is_number(row[metric])]
+                 for row, run in zip(rows, runs, strict=True)
+                 if not run.lrpet and _is_number(row[metric])]
     if not points and not baselines:
         raise ValueError(f"no run under {str(root)!r} has a {metric} to plot; summary.csv "
                          f"and summary.md are written, pareto.png is not")

@@ -45,8 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lrpet_lightning.core.checks import check_bool
 from lrpet_lightning.core.config import LowRankConfig
-from lrpet_lightning.core.linalg import bn_scale
+from lrpet_lightning.core.linalg import bn_scale, factorization_pays, rank_from_ratio
 from lrpet_lightning.core.report import count_flops
 from lrpet_lightning.core.walk import TargetLayer
 
@@ -78,7 +79,7 @@ class LayerBudgetCost:
 
     def pays(self, rank: int) -> bool:
         """Whether ``decompose_`` factorizes the layer at ``rank`` (fewer parameters)."""
-        return rank * (self.rows + self.cols) < self.rows * self.cols
+        return factorization_pays(self.rows, self.cols, rank)
 
     def cost(self, metric: str, rank: int) -> int:
         """FLOPs (``metric="flops"``) or weight parameters (``"params"``) at ``rank``."""
@@ -103,7 +104,7 @@ class BudgetCosts:
         """The model's FLOPs / parameters with layer ``i`` at ``ranks[i]``."""
         dense = self.dense_flops if metric == "flops" else self.dense_params
         return dense - sum(layer.cost(metric, layer.full_rank) - layer.cost(metric, r)
-                           for layer, r in zip(self.layers, ranks))
+                           for layer, r in zip(self.layers, ranks, strict=True))
 
     def reduction(self, metric: str, ranks: Sequence[int]) -> float:
         """Fraction of the model's FLOPs / parameters removed at ``ranks``."""
@@ -172,6 +173,7 @@ def layer_energies(layers: Sequence[TargetLayer], bn_rectification: bool = True)
     following BatchNorm is attached (``layer.bn``), as LRPET projects it. An all-zero or
     non-finite layer gets a flat spectrum.
     """
+    check_bool("bn_rectification", bn_rectification)
     out = []
     for layer in layers:
         M = layer.matrix().to(torch.float64)
@@ -202,8 +204,7 @@ def _base_rank(cost: LayerBudgetCost, rank: int) -> int:
 def _uniform(costs: BudgetCosts, metric: str, target: float,
              min_rank: int) -> tuple[list[int], float]:
     def ranks_at(rho: float) -> list[int]:
-        return [_base_rank(c, max(min_rank, math.floor(rho * c.full_rank + 1e-9)))
-                for c in costs.layers]
+        return [_base_rank(c, rank_from_ratio(c.full_rank, rho, min_rank)) for c in costs.layers]
 
     def fits(ranks: list[int]) -> bool:
         return costs.reduction(metric, ranks) >= target
@@ -312,9 +313,10 @@ def solve_ranks_for_layers(
     else:
         energies = layer_energies(layers, config.bn_rectification)
         ranks = _spectrum(costs, metric, target, config.min_rank, energies)
-        kept = {c.name: float(e[:r].sum()) for c, e, r in zip(costs.layers, energies, ranks)}
+        kept = {c.name: float(e[:r].sum()) for c, e, r in zip(costs.layers, energies, ranks,
+                                                                  strict=True)}
     solution = RankSolution(
-        ranks={c.name: r for c, r in zip(costs.layers, ranks)},
+        ranks={c.name: r for c, r in zip(costs.layers, ranks, strict=True)},
         allocation=config.allocation, metric=metric, target=target,
         flops_reduction=costs.reduction("flops", ranks) if costs.dense_flops else None,
         params_reduction=costs.reduction("params", ranks), rank_ratio=rho, kept_energy=kept,
@@ -364,12 +366,20 @@ def solve_ranks(
         ``project_low_rank_`` or the callback's ``ranks``.
 
     Raises:
-        ValueError, TypeError: a bad argument, or a target that cannot be met even with
+        TypeError: an argument of the wrong type.
+        ValueError: an argument out of range, or a target that cannot be met even with
             every layer at ``min_rank`` (the message gives the largest reachable one).
 
     Example:
-        >>> sol = solve_ranks(model, torch.randn(1, 3, 32, 32), target_flops_reduction=0.5)
-        >>> decompose_(model, ranks=sol.ranks); sol.flops_reduction  # in [0.5, 0.51]
+        >>> from lrpet_lightning import decompose_, project_low_rank_
+        >>> from lrpet_lightning.models import build_model
+        >>> model, x = build_model("resnet20"), torch.randn(2, 3, 32, 32)
+        >>> sol = solve_ranks(model, x, target_flops_reduction=0.5)
+        >>> 0.5 <= sol.flops_reduction < 0.51
+        True
+        >>> _ = project_low_rank_(model, ranks=sol.ranks, example_inputs=x)  # or train
+        >>> decompose_(model, ranks=sol.ranks) == sol.ranks
+        True
     """
     if target_flops_reduction is None and target_params_reduction is None:
         raise ValueError("solve_ranks needs target_flops_reduction or "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -15,7 +15,8 @@ from torch import nn
 
 from lrpet_lightning.core.transforms import decomposed_ranks, match_architecture_
 
-__all__ = ["COMPACT_FORMAT", "atomic_write", "load_compact", "read_compact", "save_compact"]
+__all__ = ["COMPACT_FORMAT", "atomic_write", "load_compact", "optimizers_match", "read_compact",
+           "save_compact"]
 
 COMPACT_FORMAT = "lrpet-compact-v1"
 
@@ -35,6 +36,22 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def optimizers_match(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> bool:
+    """Whether every parameter the optimizers step is one of ``model``'s. After
+    ``decompose_`` they still hold the dense weights the model no longer has: their state
+    would not load into the optimizers of the thin model, so a checkpoint should drop it.
+
+    >>> model = nn.Linear(4, 4)
+    >>> optimizers_match(model, [torch.optim.SGD(model.parameters(), lr=0.1)])
+    True
+    >>> optimizers_match(nn.Linear(4, 4), [torch.optim.SGD(model.parameters(), lr=0.1)])
+    False
+    """
+    live = {id(p) for p in model.parameters()}
+    return all(id(p) in live for optimizer in optimizers
+               for group in optimizer.param_groups for p in group["params"])
 
 
 def save_compact(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
@@ -86,8 +103,9 @@ def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild the thin layers of a freshly built dense ``model`` from the ranks recorded in
     ``path``, load the weights, and return the model (decomposed in place).
 
-    Example:
-        >>> model = load_compact(build_model("resnet20"), "compact_model.pt")
+    Example::
+
+        model = load_compact(build_model("resnet20"), "compact_model.pt")
     """
     payload = read_compact(path)
     ranks = payload["ranks"]

@@ -38,15 +38,21 @@ def _int_range(minimum: int | None, maximum: int | None) -> str:
     return ""
 
 
+def _meaning(meaning: str) -> str:
+    return f" ({meaning})" if meaning else ""
+
+
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None,
-              optional: bool = False) -> Any:
+              optional: bool = False, meaning: str = "") -> Any:
     """``value`` as an ``int`` within ``[minimum, maximum]`` (``None`` passes if ``optional``).
 
     ``bool`` is refused although it is an ``int`` subclass: ``True`` as a count is a mistake.
+    ``meaning`` is appended in parentheses to say what the number is for.
     """
     if value is None and optional:
         return None
-    allowed = f"an int{_int_range(minimum, maximum)}{' or None' if optional else ''}"
+    allowed = (f"an int{_int_range(minimum, maximum)}{' or None' if optional else ''}"
+               f"{_meaning(meaning)}")
     if not isinstance(value, Integral) or isinstance(value, bool):
         raise TypeError(f"{name} must be {allowed}, got {_got(value)}")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
@@ -71,8 +77,7 @@ def check_float(name: str, value: Any, low: float | None = None, high: float | N
         bounds = f" {'<' if high_open else '<='} {high}"
     else:
         bounds = ""
-    allowed = (f"a number{bounds}{' or None' if optional else ''}"
-               f"{f' ({meaning})' if meaning else ''}")
+    allowed = f"a number{bounds}{' or None' if optional else ''}{_meaning(meaning)}"
     if not isinstance(value, Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be {allowed}, got {_got(value)}")
     v = float(value)
@@ -91,9 +96,9 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def check_choice(name: str, value: Any, choices: Collection[Any]) -> Any:
+def check_choice(name: str, value: Any, choices: Collection[Any], meaning: str = "") -> Any:
     """``value`` if it is one of ``choices``."""
-    if value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
+    if value in choices:
+        return value
+    allowed = ", ".join(repr(c) for c in choices)
+    raise ValueError(f"{name} must be one of {allowed}{_meaning(meaning)}, got {value!r}")

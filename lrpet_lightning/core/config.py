@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
+from lrpet_lightning.core.checks import check_bool, check_choice, check_float, check_int
 from lrpet_lightning.core.linalg import SVD_METHODS
 
 __all__ = ["ALLOCATIONS", "LowRankConfig", "check_rank_ratio", "check_reduction"]
@@ -16,29 +16,25 @@ __all__ = ["ALLOCATIONS", "LowRankConfig", "check_rank_ratio", "check_reduction"
 ALLOCATIONS = ("uniform", "spectrum")
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
 def check_rank_ratio(name: str, value: Any) -> float:
-    """A kept fraction of the full rank: a real number in (0, 1]."""
-    if not _is_real(value) or math.isnan(value) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(
-            f"{name} must be a number in (0, 1] (the kept fraction of each layer's full rank), "
-            f"got {value!r}"
-        )
-    return float(value)
+    """A kept fraction of the full rank: a real number in (0, 1].
+
+    >>> check_rank_ratio("rank_ratio", 0.25)
+    0.25
+    >>> check_rank_ratio("rank_ratio", 0)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: rank_ratio must be a number in (0, 1] (the kept fraction of each ...), got 0
+    """
+    return check_float(name, value, low=0, high=1, low_open=True,
+                       meaning="the kept fraction of each layer's full rank")
 
 
 def check_reduction(name: str, value: Any) -> float:
     """A budget: the fraction of the model's FLOPs or parameters to remove, in (0, 1)."""
-    if not _is_real(value) or math.isnan(value) or not 0.0 < float(value) < 1.0:
-        what = "FLOPs" if "flops" in name else "parameters"
-        raise ValueError(
-            f"{name} must be a number in (0, 1) (the fraction of the model's {what} to "
-            f"remove, e.g. 0.5), got {value!r}"
-        )
-    return float(value)
+    what = "FLOPs" if "flops" in name else "parameters"
+    return check_float(name, value, low=0, high=1, low_open=True, high_open=True,
+                       meaning=f"the fraction of the model's {what} to remove, e.g. 0.5")
 
 
 def _check_patterns(name: str, value: Any) -> tuple[str, ...] | None:
@@ -66,20 +62,15 @@ def _check_ranks(value: Any) -> dict[str, float | int] | None:
     for pattern, rank in value.items():
         if not isinstance(pattern, str):
             raise TypeError(f"ranks keys must be module-name patterns (str), got {pattern!r}")
+        name = f"ranks[{pattern!r}]"
         if isinstance(rank, Integral) and not isinstance(rank, bool):
-            if rank < 1:
-                raise ValueError(
-                    f"ranks[{pattern!r}] must be an absolute rank >= 1 (int) or a ratio in "
-                    f"(0, 1] (float), got {rank!r}"
-                )
-            out[pattern] = int(rank)
-        elif _is_real(rank):
-            out[pattern] = check_rank_ratio(f"ranks[{pattern!r}]", rank)
+            out[pattern] = check_int(name, rank, minimum=1,
+                                     meaning="an absolute rank; a float is a ratio in (0, 1]")
+        elif isinstance(rank, Real) and not isinstance(rank, bool):
+            out[pattern] = check_rank_ratio(name, rank)
         else:
-            raise TypeError(
-                f"ranks[{pattern!r}] must be an absolute rank >= 1 (int) or a ratio in (0, 1] "
-                f"(float), got {rank!r}"
-            )
+            raise TypeError(f"{name} must be an absolute rank >= 1 (int) or a ratio in (0, 1] "
+                            f"(float), got {rank!r}")
     return out
 
 
@@ -140,22 +131,15 @@ class LowRankConfig:
                 "(target_flops_reduction or target_params_reduction, in (0, 1))"
             )
         for flag in ("energy_transfer", "bn_rectification", "include_linear"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        rho = self.residual_scale
-        if not _is_real(rho) or math.isnan(rho) or not 0.0 <= float(rho) <= 1.0:
-            raise ValueError(f"residual_scale must be a number in [0, 1], got {rho!r}")
-        set_(self, "residual_scale", float(rho))
+            check_bool(flag, getattr(self, flag))
+        set_(self, "residual_scale", check_float(
+            "residual_scale", self.residual_scale, low=0, high=1,
+            meaning="factor on the discarded singular values; 0 = exactly rank r"))
         set_(self, "include", _check_patterns("include", self.include))
         set_(self, "exclude", _check_patterns("exclude", self.exclude))
-        if (
-            not isinstance(self.min_rank, Integral)
-            or isinstance(self.min_rank, bool)
-            or self.min_rank < 1
-        ):
-            raise ValueError(f"min_rank must be an int >= 1, got {self.min_rank!r}")
-        if self.svd_method not in SVD_METHODS:
-            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+        set_(self, "min_rank", check_int("min_rank", self.min_rank, minimum=1,
+                                         meaning="the smallest rank any layer keeps"))
+        check_choice("svd_method", self.svd_method, SVD_METHODS)
 
     def _check_budget(self) -> None:
         set_ = object.__setattr__
@@ -165,11 +149,8 @@ class LowRankConfig:
             if value is not None:
                 targets[name] = check_reduction(name, value)
                 set_(self, name, targets[name])
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(
-                f"allocation must be one of {ALLOCATIONS} (how a FLOPs / parameters budget is "
-                f"shared by the layers), got {self.allocation!r}"
-            )
+        check_choice("allocation", self.allocation, ALLOCATIONS,
+                     meaning="how a FLOPs / parameters budget is shared by the layers")
         if len(targets) > 1:
             raise ValueError(
                 f"target_flops_reduction={self.target_flops_reduction!r} and "

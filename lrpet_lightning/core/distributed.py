@@ -73,19 +73,19 @@ def project_layers_distributed_(
         return project_layers_(layers, config)
     rank = dist.get_rank(group)
     owners = assign_owners([svd_cost(layer) for layer in layers], world)
-    mine = [layer for layer, owner in zip(layers, owners) if owner == rank]
+    mine = [layer for layer, owner in zip(layers, owners, strict=True) if owner == rank]
     my_records = {r.name: r for r in project_layers_(mine, config)}
 
     with torch.no_grad():
         # Into buffers first, then all written at once: an interruption mid-way leaves every
         # replica as it was, never half projected (as project_layers_ does on one process).
         received = []
-        for layer, owner in zip(layers, owners):
+        for layer, owner in zip(layers, owners, strict=True):
             src = dist.get_global_rank(group, owner) if group is not None else owner
             buffer = layer.module.weight.detach().contiguous().clone()
             dist.broadcast(buffer, src=src, group=group)
             received.append(buffer)
-        for layer, buffer in zip(layers, received):
+        for layer, buffer in zip(layers, received, strict=True):
             layer.module.weight.copy_(buffer)
 
     gathered: list[dict[str, LayerRecord] | None] = [None] * world

@@ -1,4 +1,4 @@
-"""Factorized layers: a rank-r layer as two thin layers (ALGORITHM.md §6).
+"""Factorized layers: a rank-r layer as two thin layers (docs/method.md).
 
 ``FactorizedConv``: a *plain* conv of the original dimensionality, kernel, stride, padding,
 dilation and padding_mode mapping ``C -> r`` without bias, then a 1x1 conv ``r -> N`` with
@@ -20,8 +20,9 @@ import warnings
 
 from torch import Tensor, nn
 
+from lrpet_lightning.core.checks import check_int
 from lrpet_lightning.core.linalg import factorize_matrix, weight_to_matrix
-from lrpet_lightning.core.walk import CONV_TYPES, is_hf_conv1d, layer_matrix
+from lrpet_lightning.core.walk import CONV_TYPES, full_rank_of, is_hf_conv1d, layer_matrix
 
 __all__ = ["FACTORIZED_TYPES", "FactorizedConv", "FactorizedLayer", "FactorizedLinear",
            "factorized_type"]
@@ -107,6 +108,11 @@ class FactorizedLayer(nn.Module):
         return f"rank={self.rank}"
 
 
+def _check_rank(module: nn.Module, rank: int) -> None:
+    check_int("rank", rank, minimum=1, maximum=full_rank_of(module),
+              meaning=f"the width of the thin pair of a {type(module).__name__}")
+
+
 def _grads(module: nn.Module) -> tuple[bool, bool]:
     bias = getattr(module, "bias", None)
     return module.weight.requires_grad, bias.requires_grad if bias is not None else True
@@ -124,10 +130,19 @@ class FactorizedConv(FactorizedLayer):
 
     @classmethod
     def from_dense(cls, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, rank: int) -> FactorizedConv:
-        """Split ``conv`` at ``rank`` (exact when its weight has rank ``rank``)."""
+        """Split ``conv`` at ``rank`` (exact when its weight has rank ``rank``).
+
+        >>> FactorizedConv.from_dense(nn.Conv2d(16, 32, 3), 8)
+        FactorizedConv(
+          rank=8
+          (first): Conv2d(16, 8, kernel_size=(3, 3), stride=(1, 1), bias=False)
+          (second): Conv2d(8, 32, kernel_size=(1, 1), stride=(1, 1))
+        )
+        """
+        kind = _plain_conv_type(conv)
         if conv.groups != 1:
             raise ValueError(f"conv.groups must be 1 to factorize, got {conv.groups}")
-        kind = _plain_conv_type(conv)
+        _check_rank(conv, rank)
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         first = kind(
             conv.in_channels, rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
@@ -166,6 +181,7 @@ class FactorizedLinear(FactorizedLayer):
     def from_dense(cls, linear: nn.Module, rank: int) -> FactorizedLinear:
         """Split ``linear`` (an ``nn.Linear`` or HF ``Conv1D``) at ``rank`` (exact when its
         weight has rank ``rank``)."""
+        _check_rank(linear, rank)
         matrix = layer_matrix(linear)
         out_features, in_features = matrix.shape
         factory = {"device": matrix.device, "dtype": matrix.dtype}

@@ -1,7 +1,7 @@
 """Inference-ready models: BatchNorm folded, channels_last where faster, and each
 factorized layer in whichever form — two thin convs or one dense conv — runs faster.
 
-FLOPs are not latency (ALGORITHM.md §6, DESIGN.md pitfalls): two thin convs cost two
+FLOPs are not latency (docs/inference.md): two thin convs cost two
 kernel launches, two passes over memory and a thin middle tensor that vector units use
 badly, so a factorized layer can be slower than the dense conv it replaces even with fewer
 FLOPs. :func:`prepare_for_inference` therefore *measures* on the input it is given.
@@ -23,11 +23,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
+from lrpet_lightning.core.checks import check_int
 from lrpet_lightning.core.factorized import FactorizedLayer
 from lrpet_lightning.core.trace import BNPairTracer, run_forward
-from lrpet_lightning.core.transforms import set_submodule
 from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer
 
 __all__ = ["fold_batchnorms_", "output_error", "prepare_for_inference", "race", "use_faster_forms_"]
@@ -78,15 +78,24 @@ def prepare_for_inference(
         The prepared copy.
 
     Raises:
-        ValueError: a bad argument (named in the message).
+        TypeError: an argument of the wrong type (named in the message).
+        ValueError: an argument out of range, or a model that cannot be deep-copied.
 
     Example:
-        >>> fast = prepare_for_inference(compact_model, torch.randn(16, 3, 224, 224))
+        >>> from lrpet_lightning import decompose_, project_low_rank_
+        >>> from lrpet_lightning.models import build_model
+        >>> model, x = build_model("resnet20"), torch.randn(2, 3, 32, 32)
+        >>> _ = project_low_rank_(model, ranks={"layer3.*": 16}, example_inputs=x)
+        >>> _ = decompose_(model, ranks={"layer3.*": 16})
+        >>> fast = prepare_for_inference(model, x, repeats=1)
+        >>> fast.training, type(fast.bn1).__name__
+        (False, 'Identity')
     """
-    if channels_last not in (True, False, "auto"):
-        raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if not isinstance(channels_last, bool) and channels_last != "auto":
+        error = ValueError if isinstance(channels_last, str) else TypeError
+        raise error("channels_last must be True, False or 'auto' (measure both, keep the "
+                    f"faster), got {channels_last!r}")
+    check_int("repeats", repeats, minimum=1, meaning="timed runs per candidate")
 
     try:
         reference = copy.deepcopy(model).eval()
@@ -135,10 +144,10 @@ def output_error(output: Any, expected: Any) -> float:
     """Largest ``||a - b|| / ||b||`` over the tensors of two model outputs of one structure
     (``inf`` when the structures differ)."""
     got, want = _tensor_leaves(output), _tensor_leaves(expected)
-    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want, strict=True)):
         return float("inf")
     worst = 0.0
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         if not b.is_floating_point():
             worst = max(worst, 0.0 if torch.equal(a, b) else float("inf"))
             continue
@@ -182,7 +191,7 @@ def fold_batchnorms_(model: nn.Module, example_inputs: Any) -> list[str]:
         conv.weight, conv.bias = fuse_conv_bn_weights(
             conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
         )
-        set_submodule(model, bn_name, nn.Identity())
+        model.set_submodule(bn_name, nn.Identity())
     return list(pairs.values())
 
 
@@ -268,17 +277,11 @@ def _to_channels_last_(model: nn.Module) -> None:
 
 
 def _to_format(inputs: Any, channels_last: bool) -> Any:
-    """``inputs`` with every 4-D tensor channels_last (or contiguous, when not)."""
-    if isinstance(inputs, Tensor):
-        if inputs.dim() != 4:
-            return inputs
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return inputs.contiguous(memory_format=fmt)
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to_format(x, channels_last) for x in inputs)
-    if isinstance(inputs, dict):
-        return {k: _to_format(v, channels_last) for k, v in inputs.items()}
-    return inputs
+    """``inputs`` with every 4-D tensor channels_last (or contiguous, when not), at any depth
+    of tuples, lists and dicts."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return tree_map(lambda x: x.contiguous(memory_format=fmt)
+                    if isinstance(x, Tensor) and x.dim() == 4 else x, inputs)
 
 
 def _channels_last_is_faster(model: nn.Module, example_inputs: Any, repeats: int) -> bool:
@@ -307,6 +310,7 @@ def use_faster_forms_(
     the ``repeats`` runs of one layer are spread over the whole measurement instead of
     falling together into one burst of load from other processes.
     """
+    check_int("repeats", repeats, minimum=1, meaning="timed runs per candidate")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
     inputs = _layer_inputs(model, layers, example_inputs)
     layers = {n: m for n, m in layers.items() if n in inputs}  # the others never ran
@@ -323,7 +327,7 @@ def use_faster_forms_(
     for i, name in enumerate(layers):
         t_factorized, t_dense = times[2 * i], times[2 * i + 1]
         if t_dense < t_factorized:
-            set_submodule(model, name, denses[name])
+            model.set_submodule(name, denses[name])
             made_dense.append(name)
     return made_dense
 
@@ -355,7 +359,12 @@ def race(candidates: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
     """Best-of-``repeats`` wall time of each candidate, in seconds, run interleaved (one
     run of each per round) after one warm-up run each, so that load on a shared machine
     hits every candidate alike. Where CUDA is in use the clock stops after the GPU's queue
-    has drained (``torch.cuda.synchronize``), so kernels are timed, not their launches."""
+    has drained (``torch.cuda.synchronize``), so kernels are timed, not their launches.
+
+    >>> len(race([lambda: sum(range(100)), lambda: sorted(range(100))], repeats=2))
+    2
+    """
+    check_int("repeats", repeats, minimum=1, meaning="timed runs per candidate")
     sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     for fn in candidates:
         fn()

@@ -1,6 +1,7 @@
 """Tensor maths of LRPET: pure functions on tensors, no modules, no state.
 
-Everything here follows ALGORITHM.md §2-§4 and §6:
+Everything here follows docs/method.md (a layer as a matrix, the projection with energy
+transfer, the two thin layers):
 
 * a layer's weight is viewed as a matrix ``M`` with one row per output channel;
 * the rank kept is ``max(min_rank, floor(rank_ratio * min(rows, cols)))``;
@@ -24,12 +25,16 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from lrpet_lightning.core.checks import check_choice, check_float, check_int
+
 __all__ = [
     "BN_INVERSE_EPS",
     "SVD_METHODS",
     "ZERO_LAYER_TOL",
     "ProjectionResult",
+    "all_finite",
     "bn_scale",
+    "factorization_pays",
     "factorize_matrix",
     "float32_matmul_is_ieee",
     "matrix_to_weight",
@@ -54,9 +59,8 @@ SvdMethod = Literal["exact", "gram", "gram32", "randomized"]
 def weight_to_matrix(weight: Tensor) -> Tensor:
     """View a Conv/Linear weight ``(N, C, *kernel)`` / ``(out, in)`` as ``(N, C*prod(kernel))``."""
     if weight.dim() < 2:
-        raise ValueError(
-            f"weight must have at least 2 dimensions (out, in, *kernel), got shape {tuple(weight.shape)}"
-        )
+        raise ValueError("weight must have at least 2 dimensions (out, in, *kernel), got "
+                         f"shape {tuple(weight.shape)}")
     return weight.reshape(weight.shape[0], -1)
 
 
@@ -67,7 +71,7 @@ def matrix_to_weight(matrix: Tensor, shape: torch.Size | tuple[int, ...]) -> Ten
 
 # --------------------------------------------------------------------------- ranks
 def rank_from_ratio(full_rank: int, rank_ratio: float, min_rank: int = 1) -> int:
-    """Rank kept for a layer of full rank ``full_rank`` (ALGORITHM.md §3).
+    """Rank kept for a layer of full rank ``full_rank`` (docs/method.md).
 
     ``r = max(min_rank, floor(rank_ratio * full_rank))``, never above ``full_rank``.
     The ``1e-9`` guards the floor against float error (``0.3 * 10 = 2.9999...``).
@@ -75,9 +79,30 @@ def rank_from_ratio(full_rank: int, rank_ratio: float, min_rank: int = 1) -> int
     Example:
         >>> rank_from_ratio(64, 0.2)
         12
+        >>> rank_from_ratio(10, 0.3)  # not 2: 0.3 * 10 is 2.9999... in floats
+        3
     """
     r = max(int(min_rank), math.floor(rank_ratio * full_rank + 1e-9))
     return min(r, full_rank)
+
+
+def factorization_pays(rows: int, cols: int, rank: int) -> bool:
+    """Whether a ``rows x cols`` weight matrix at ``rank`` has fewer parameters as two thin
+    layers than dense: ``rank * (rows + cols) < rows * cols``. ``decompose_`` keeps a layer
+    dense where it does not pay, and the budget solvers price it so.
+
+    Example:
+        >>> factorization_pays(64, 576, 32), factorization_pays(64, 64, 32)
+        (True, False)
+    """
+    return rank * (rows + cols) < rows * cols
+
+
+def all_finite(t: Tensor) -> bool:
+    """No NaN/Inf in ``t``, in one pass: a NaN or Inf makes the sum NaN/Inf. (A sum of
+    finite values overflows only past the dtype's largest value, where the energy would
+    overflow too.) Ten times cheaper than ``torch.isfinite(t).all()`` on CPU."""
+    return bool(torch.isfinite(t.sum()))
 
 
 def bn_scale(
@@ -126,8 +151,8 @@ def top_singular_triplets(
     """
     rows, cols = M.shape
     n = min(rows, cols)
-    if not 1 <= r <= n:
-        raise ValueError(f"r must be in [1, {n}] for a {rows}x{cols} matrix, got {r}")
+    check_int("r", r, minimum=1, maximum=n, meaning=f"kept rank of a {rows}x{cols} matrix")
+    check_choice("svd_method", method, SVD_METHODS)
     if method == "exact":
         U, s, Vh = torch.linalg.svd(M, full_matrices=False)
         return Triplets(U[:, :r], s[:r], Vh[:r].mT, M.square().sum())
@@ -149,11 +174,10 @@ def top_singular_triplets(
         else:
             U, V = (M @ evecs) * inv, evecs
         return Triplets(U, s.to(M.dtype), V, energy.to(M.dtype))
-    if method == "randomized":
-        q = min(r + oversample, n)
-        U, s, V = torch.svd_lowrank(M, q=q, niter=niter)
-        return Triplets(U[:, :r], s[:r], V[:, :r], M.square().sum())
-    raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {method!r}")
+    # "randomized"
+    q = min(r + oversample, n)
+    U, s, V = torch.svd_lowrank(M, q=q, niter=niter)
+    return Triplets(U[:, :r], s[:r], V[:, :r], M.square().sum())
 
 
 def float32_matmul_is_ieee(t: Tensor) -> bool:
@@ -194,7 +218,7 @@ def project_matrix(
     svd_method: SvdMethod = "exact",
     bn_inverse_eps: float = BN_INVERSE_EPS,
 ) -> ProjectionResult:
-    """One LRPET projection of one weight matrix (ALGORITHM.md §4), out of place.
+    """One LRPET projection of one weight matrix (docs/method.md), out of place.
 
     Args:
         M: ``(rows, cols)`` floating matrix; the maths runs in its dtype (pass float32/64).
@@ -211,7 +235,8 @@ def project_matrix(
         A :class:`ProjectionResult`. Its ``matrix`` is ``M`` unchanged (same values) when
         the largest singular value is below ``ZERO_LAYER_TOL`` — callers treat that as skip.
     """
-    rho = float(residual_scale)
+    rho = check_float("residual_scale", residual_scale, low=0, high=1,
+                      meaning="factor on the discarded singular values")
     given = M
     if svd_method == "gram" and M.dtype != torch.float64 and not float32_matmul_is_ieee(M):
         # TF32 / bf16 float32 matmuls (torch.set_float32_matmul_precision("high"/"medium"))
@@ -249,6 +274,8 @@ def project_matrix(
 # ----------------------------------------------------------------- decomposition maths
 def numerical_rank(M: Tensor, rtol: float) -> int:
     """Number of singular values above ``rtol * s_max`` (at least 1)."""
+    check_float("rtol", rtol, low=0, high=1, low_open=True, high_open=True,
+                meaning="relative to the largest singular value")
     s = torch.linalg.svdvals(M)
     return max(1, int((s > rtol * s[0]).sum()))
 
@@ -256,7 +283,7 @@ def numerical_rank(M: Tensor, rtol: float) -> int:
 def factorize_matrix(M: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """Split ``M ~ A @ B`` with ``A = U_r sqrt(S_r)`` ``(rows, r)`` and ``B = sqrt(S_r) V_r^T``.
 
-    Exact when ``M`` has rank ``r`` (ALGORITHM.md §6); otherwise the best rank-``r``
+    Exact when ``M`` has rank ``r`` (docs/method.md); otherwise the best rank-``r``
     approximation. The square root splits the scale evenly between the two thin layers.
     """
     # The top-r triplets from the Gram matrix: an order of magnitude faster than a full SVD

@@ -10,7 +10,7 @@ module the caller handed in.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,8 @@ from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.trace import Trace, attach_bn_pairs, trace_layers
 from lrpet_lightning.core.walk import Selection, TargetLayer, select
 
-__all__ = ["LayerPlan", "apply_trace", "plan_layers", "skip_message"]
+__all__ = ["LayerPlan", "apply_trace", "merge_trace", "plan_layers", "select_plan", "set_ranks",
+           "skip_message"]
 
 #: Why a layer whose ``.weight`` its parent reads is left dense.
 READ_OUTSIDE = "its .weight is read outside its own forward (by its parent's code)"
@@ -59,8 +60,13 @@ def skip_message(verb: str, skipped: Mapping[str, str], notes: Mapping[str, str]
     return "\n".join(parts)
 
 
-def apply_trace(plan: LayerPlan, trace: Trace, bn_rectification: bool) -> None:
-    """Drop the layers whose weight is read outside their forward; attach BatchNorms."""
+def apply_trace(plan: LayerPlan, trace: Trace, bn_rectification: bool,
+                not_run_note: str | None = None) -> None:
+    """Drop the layers whose weight is read outside their forward; attach BatchNorms.
+
+    With ``not_run_note``, each layer the pass did not run gets that note (only when the
+    trace saw layers run at all: a compiled model hides its calls from hooks).
+    """
     for layer in plan.layers:
         if layer.name in trace.read_outside:
             plan.skipped[layer.name] = READ_OUTSIDE
@@ -71,6 +77,24 @@ def apply_trace(plan: LayerPlan, trace: Trace, bn_rectification: bool) -> None:
             if layer.name in trace.ambiguous:
                 plan.notes[layer.name] = (f"feeds several BatchNorms {trace.ambiguous[layer.name]}:"
                                           " no BN rectification")
+    if not_run_note and trace.ran:
+        for layer in plan.layers:
+            if layer.name not in trace.ran:
+                plan.notes[layer.name] = not_run_note
+
+
+def merge_trace(plan: LayerPlan, trace: Trace, bn_rectification: bool,
+                not_run_note: str | None = None) -> LayerPlan:
+    """:func:`apply_trace` on a plan made earlier (e.g. traced during a training step):
+    ``plan`` is updated, and what the trace added is returned as a plan of its own (the
+    remaining layers, and only the new skipped layers and notes: to warn about them alone).
+    """
+    new = LayerPlan(plan.layers)
+    apply_trace(new, trace, bn_rectification, not_run_note)
+    plan.layers = new.layers
+    plan.skipped.update(new.skipped)
+    plan.notes.update(new.notes)
+    return new
 
 
 def plan_layers(
@@ -88,8 +112,7 @@ def plan_layers(
     Raises:
         ValueError: a bad pattern, nothing targeted, or a budget that cannot be met.
     """
-    selection: Selection = select(model, _selection_config(config))
-    plan = LayerPlan(selection.layers, dict(selection.skipped))
+    plan = select_plan(model, config)
     if example_inputs is not None:
         apply_trace(plan, trace_layers(model, plan.layers, example_inputs),
                     config.bn_rectification)
@@ -105,6 +128,39 @@ def plan_layers(
                                f"{config.min_rank}, rank_ratio={config.rank_ratio}): "
                                "nothing is compressed")
     return plan
+
+
+def select_plan(model: nn.Module, config: LowRankConfig) -> LayerPlan:
+    """The layers ``config`` selects, not traced yet: their ranks, or for a budget every
+    targeted layer at full rank (its ranks are solved later, see :func:`set_ranks`).
+
+    Raises:
+        ValueError: a bad pattern or nothing targeted.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3))
+        >>> select_plan(model, LowRankConfig(rank_ratio=0.25)).ranks
+        {'0': 4, '1': 4}
+    """
+    selection: Selection = select(model, _selection_config(config))
+    return LayerPlan(selection.layers, dict(selection.skipped))
+
+
+def set_ranks(layers: Sequence[TargetLayer], ranks: Mapping[str, int],
+              what: str = "the ranks") -> None:
+    """Give each layer its rank from ``ranks`` (``{layer name: rank}``, e.g. a budget's
+    ranks restored from a checkpoint), which must name exactly these layers.
+
+    Raises:
+        ValueError: ``ranks`` names other layers than ``layers`` (the message starts with
+            ``what``).
+    """
+    names = [layer.name for layer in layers]
+    if set(names) != set(ranks):
+        raise ValueError(f"{what} name other layers than the targeted ones: "
+                         f"{sorted(ranks)[:4]}... vs {names[:4]}...")
+    for layer in layers:
+        layer.rank = int(ranks[layer.name])
 
 
 def _selection_config(config: LowRankConfig) -> LowRankConfig:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,8 +19,11 @@ from lrpet_lightning.core.factorized import FactorizedLayer
 from lrpet_lightning.core.trace import eval_mode, run_forward
 from lrpet_lightning.core.walk import CONV_TYPES, full_rank_of, is_hf_conv1d
 
+if TYPE_CHECKING:
+    from lrpet_lightning.core.transforms import LayerRecord
+
 __all__ = ["CompressionReport", "LayerCost", "compression_report", "count_flops",
-           "uncounted_modules"]
+           "projection_summary", "rank_report", "uncounted_modules"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,25 @@ class CompressionReport:
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dict` as indented JSON to ``path`` (atomically: an interrupted
+        write never leaves a truncated file) and return the path."""
+        from lrpet_lightning.core.checkpoint import atomic_write
+
+        with atomic_write(path) as f:
+            json.dump(self.to_dict(), f, indent=2)
+        return Path(path)
+
+    def qualified(self, prefix: str) -> CompressionReport:
+        """The same report with every module name put under ``prefix`` (a report counted on
+        a network named as the layers of the module that holds it: ``conv1`` -> ``net.conv1``).
+        """
+        if not prefix:
+            return self
+        return replace(
+            self, layers=[replace(row, name=f"{prefix}.{row.name}") for row in self.layers],
+            uncounted={f"{prefix}.{n}" if n else prefix: p for n, p in self.uncounted.items()})
+
     def _rows(self) -> list[list[str]]:
         rows = []
         for c in self.layers:
@@ -96,8 +122,8 @@ class CompressionReport:
                      _human(self.dense_params), _human(self.compact_params)])
         return rows
 
-    _HEADER = ["layer", "type", "rank", "FLOPs before", "FLOPs after", "params before",
-               "params after"]
+    _HEADER = ("layer", "type", "rank", "FLOPs before", "FLOPs after", "params before",
+               "params after")
 
     def summary(self) -> str:
         counted = "" if self.flops_fully_counted else " counted"
@@ -112,13 +138,14 @@ class CompressionReport:
         rows = [self._HEADER, *self._rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(self._HEADER))]
         lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)
-                           for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+                           for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+                 for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join([*lines, self.summary()])
 
     def to_markdown(self) -> str:
         """The same table in Markdown."""
-        rows = [self._HEADER, ["---"] * 3 + ["---:"] * 4, *self._rows()]
+        rows = [list(self._HEADER), ["---"] * 3 + ["---:"] * 4, *self._rows()]
         return "\n".join("| " + " | ".join(r) + " |" for r in rows) + f"\n\n{self.summary()}\n"
 
     def __str__(self) -> str:
@@ -185,9 +212,14 @@ def compression_report(
     Linear layers, matched by qualified name in the compact model.
 
     Example:
-        >>> dense = copy.deepcopy(model); decompose_(model, rank_ratio=0.2)
-        >>> report = compression_report(dense, model, torch.randn(1, 3, 32, 32))
-        >>> print(report); report.flops_reduction
+        >>> from lrpet_lightning.core.transforms import decompose_
+        >>> model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 32, 3))
+        >>> dense = copy.deepcopy(model); _ = decompose_(model, rank_ratio=0.25)
+        >>> report = compression_report(dense, model, torch.randn(1, 3, 16, 16))
+        >>> [(row.name, row.rank) for row in report.layers]
+        [('0', 6), ('1', 8)]
+        >>> round(report.params_reduction, 3)
+        0.706
     """
     dense_flops, ran = _count(dense_model, example_inputs)
     compact_flops, compact_ran = _count(compact_model, example_inputs)
@@ -219,6 +251,50 @@ def compression_report(
         warnings.warn(f"compression_report: the compact model is bigger than the dense one "
                       f"({report.summary()})", UserWarning, stacklevel=2)
     return report
+
+
+def rank_report(model: nn.Module, ranks: Mapping[str, int], example_inputs: Any,
+                include_linear: bool = False) -> CompressionReport:
+    """The compression report of ``model`` decomposed at ``ranks`` (``{layer: rank}``), both
+    counted on copies: ``model`` itself is neither changed nor run (its forward may have side
+    effects, e.g. hooks or counters).
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 32, 3))
+        >>> report = rank_report(model, {"1": 8}, torch.randn(1, 3, 16, 16))
+        >>> [(row.name, row.rank) for row in report.layers]
+        [('0', None), ('1', 8)]
+    """
+    from lrpet_lightning.core.transforms import decompose_
+
+    dense, compact = copy.deepcopy(model), copy.deepcopy(model)
+    with warnings.catch_warnings():  # decompose_'s notes are for a real decomposition
+        warnings.simplefilter("ignore")
+        decompose_(compact, ranks=dict(ranks), include_linear=include_linear)
+    return compression_report(dense, compact, example_inputs)
+
+
+def projection_summary(records: Sequence[LayerRecord], per_layer: bool = False
+                       ) -> dict[str, float]:
+    """What one projection did, as metrics: ``mean_kept_energy`` and ``mean_relative_change``
+    over the projected layers (skipped ones left out; 0 when none), and with ``per_layer``
+    ``kept_energy/<layer>`` and ``relative_change/<layer>`` for each of them.
+
+    Example:
+        >>> from lrpet_lightning.core.transforms import project_low_rank_
+        >>> records = project_low_rank_(nn.Sequential(nn.Linear(8, 8)), rank_ratio=0.5,
+        ...                             include_linear=True, bn_rectification=False)
+        >>> sorted(projection_summary(records, per_layer=True))
+        ['kept_energy/0', 'mean_kept_energy', 'mean_relative_change', 'relative_change/0']
+    """
+    done = [r for r in records if r.skipped is None]
+    out = {"mean_kept_energy": sum(r.kept_energy for r in done) / max(len(done), 1),
+           "mean_relative_change": sum(r.relative_change for r in done) / max(len(done), 1)}
+    if per_layer:
+        for r in done:
+            out[f"kept_energy/{r.name}"] = r.kept_energy
+            out[f"relative_change/{r.name}"] = r.relative_change
+    return out
 
 
 def _is_layer(module: nn.Module) -> bool:

@@ -24,8 +24,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lrpet_lightning.core.walk import TargetLayer
 
-__all__ = ["BNPairTracer", "Trace", "attach_bn_pairs", "run_forward", "trace_bn_pairs",
-           "trace_layers"]
+__all__ = ["BNPairTracer", "InputRecorder", "Trace", "attach_bn_pairs", "first_sample",
+           "run_forward", "trace_bn_pairs", "trace_layers"]
 
 
 @dataclass
@@ -73,6 +73,8 @@ class BNPairTracer:
     for another tensor (a freed tensor's id is often handed to the next one).
 
     Example:
+        >>> from lrpet_lightning.core.config import LowRankConfig
+        >>> from lrpet_lightning.core.walk import select_layers
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
         >>> layers = select_layers(model, LowRankConfig(rank_ratio=0.5))
         >>> with BNPairTracer(model, layers) as tracer:
@@ -169,6 +171,68 @@ class BNPairTracer:
     def pairs(self) -> dict[str, tuple[str, _BatchNorm]]:
         """``{layer_name: (bn_name, bn_module)}`` for each layer feeding exactly one BN."""
         return self.trace().pairs
+
+
+class InputRecorder:
+    """Context manager that keeps one sample of the first input ``module`` is called with
+    (``t[:1]`` of every tensor, detached and copied), e.g. to count FLOPs later on the very
+    input a training loop feeds, without an extra forward pass. The hook removes itself
+    after the first call.
+
+    A module called with both positional and keyword inputs keeps nothing (:func:`run_forward`
+    replays one kind only); ``problem`` then says why.
+
+    Example:
+        >>> net = nn.Linear(4, 2)
+        >>> with InputRecorder(net) as recorder:
+        ...     _ = net(torch.randn(8, 4))
+        ...     _ = net(torch.randn(3, 4))
+        >>> [x.shape for x in recorder.inputs]
+        [torch.Size([1, 4])]
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+        self._handle: Any = None
+        #: The recorded sample, ready for :func:`run_forward`: the tuple of positional
+        #: inputs or the dict of keyword ones (None until the module ran).
+        self.inputs: Any = None
+        #: Why nothing was kept although the module ran (None otherwise).
+        self.problem: str | None = None
+
+    def __enter__(self) -> InputRecorder:
+        self._handle = self._module.register_forward_pre_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.__exit__()
+        args, kwargs = first_sample(args), first_sample(kwargs)
+        if args and kwargs:
+            self.problem = "the model takes positional and keyword inputs (only one kind replays)"
+            return
+        # A tuple even for one tensor: a lone dict or tuple argument must not be unpacked.
+        self.inputs = kwargs or args
+
+
+def first_sample(inputs: Any) -> Any:
+    """The first sample of a batch (``t[:1]`` of every tensor, detached and copied), in the
+    same nesting of tuples, lists and dicts; anything else as it is.
+
+    >>> first_sample({"x": torch.zeros(5, 2), "n": 3})["x"].shape
+    torch.Size([1, 2])
+    """
+    if isinstance(inputs, Tensor):
+        return inputs[:1].detach().clone() if inputs.dim() > 0 else inputs.detach().clone()
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(first_sample(x) for x in inputs)
+    if isinstance(inputs, Mapping):
+        return {k: first_sample(v) for k, v in inputs.items()}
+    return inputs
 
 
 def _version(tensor: Tensor) -> int | None:

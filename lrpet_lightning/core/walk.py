@@ -63,6 +63,7 @@ def layer_matrix(module: nn.Module, weight: Tensor | None = None) -> Tensor:
 
 
 def full_rank_of(module: nn.Module) -> int:
+    """``min(rows, cols)`` of the layer's weight matrix: the largest rank it can have."""
     w = module.weight
     return min(w.shape[0], w[0].numel())
 
@@ -179,10 +180,24 @@ def select(model: nn.Module, config: LowRankConfig) -> Selection:
     named by its first name, with every name in ``aliases``.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``config`` not a ``LowRankConfig``.
         ValueError: a pattern of ``include``/``exclude``/``ranks`` matches no eligible layer,
             a layer named exactly in ``include`` cannot be projected, or nothing is targeted.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3, groups=4))
+        >>> found = select(net, LowRankConfig(rank_ratio=0.5))
+        >>> [(layer.name, layer.rank, layer.full_rank) for layer in found.layers]
+        [('0', 8, 16)]
+        >>> found.skipped
+        {'1': 'grouped conv (groups=4)'}
     """
     from lrpet_lightning.core.factorized import FactorizedLayer  # avoid an import cycle
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, LowRankConfig):
+        raise TypeError(f"config must be a LowRankConfig, got {type(config).__name__}")
 
     parents: dict[str, nn.Module] = {}
     aliases: dict[int, list[str]] = {}

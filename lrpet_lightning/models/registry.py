@@ -8,6 +8,8 @@ from typing import Any
 import torchvision
 from torch import nn
 
+from lrpet_lightning.core.checks import check_bool, check_int
+
 from .cifar_resnet import resnet20, resnet32, resnet44, resnet56, resnet110
 from .vgg import vgg16_bn
 
@@ -34,14 +36,6 @@ _TORCHVISION_MODELS: dict[str, str] = {
 def available_models() -> list[str]:
     """Return the names accepted by :func:`build_model`, sorted."""
     return sorted([*_CIFAR_MODELS, *_TORCHVISION_MODELS])
-
-
-def _check_positive_int(arg: str, value: Any) -> None:
-    # bool is an int subclass; True as a class count is surely a mistake.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{arg} must be an int, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{arg} must be a positive int (>= 1), got {value!r}")
 
 
 def _replace_conv(old: nn.Conv2d, in_channels: int, **overrides: Any) -> nn.Conv2d:
@@ -111,13 +105,15 @@ def build_model(
     Raises:
         ValueError: unknown ``name``, non-positive ``num_classes`` / ``in_channels``, or
             ``small_input=True`` for a torchvision model other than a ResNet.
-        TypeError: ``num_classes`` / ``in_channels`` is not an int.
+        TypeError: ``num_classes`` / ``in_channels`` is not an int, or ``small_input`` not
+            a bool.
 
     Example:
         >>> model = build_model("resnet20", num_classes=100)
     """
-    _check_positive_int("num_classes", num_classes)
-    _check_positive_int("in_channels", in_channels)
+    num_classes = check_int("num_classes", num_classes, minimum=1)
+    in_channels = check_int("in_channels", in_channels, minimum=1)
+    small_input = check_bool("small_input", small_input)
     if name in _CIFAR_MODELS:
         return _CIFAR_MODELS[name](num_classes=num_classes, in_channels=in_channels)
     if name in _TORCHVISION_MODELS:

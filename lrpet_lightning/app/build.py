@@ -1,0 +1,160 @@
+"""Step 1 of a run: everything ``train(cfg)`` needs, built and checked before any training."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lrpet_lightning.app.module import ImageClassifier
+from lrpet_lightning.app.results import RunProbe, objective_config
+from lrpet_lightning.app.rundir import (
+    check_writable,
+    claim_run_dir,
+    keep_metrics_history,
+    resumes_run_in,
+)
+from lrpet_lightning.callback import LowRankProjectionCallback
+from lrpet_lightning.models import build_model
+from lrpet_lightning.plots import default_spectra_layers, layer_spectra
+
+__all__ = ["Run", "build", "instantiate_logger", "optim_kwargs", "spectra_layer_names"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """One launch of a run: its config, parts, and what the steps after training record."""
+
+    cfg: DictConfig
+    out: Path
+    objective: dict[str, Any] | None
+    datamodule: Any
+    net: torch.nn.Module
+    module: ImageClassifier
+    probe: RunProbe
+    trainer: pl.Trainer
+    #: ``(metrics.csv, its copy)`` of an earlier launch (rank 0, on a relaunch), else None.
+    kept_metrics: tuple[Path, Path] | None
+    #: Singular values of the plotted layers at initialization (empty: no plot).
+    spectra_before: dict[str, torch.Tensor]
+    #: Where the callback writes its own compression_report.json (the logger's folder).
+    callback_report: Path
+    t0: float
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def lrpet(self) -> LowRankProjectionCallback | None:
+        return next((c for c in self.trainer.callbacks
+                     if isinstance(c, LowRankProjectionCallback)), None)
+
+    def guard(self, step: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one step after training; a failure is logged and recorded, not raised, so a
+        finished training always ends with a results.json saying what happened."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - recorded in results["errors"]
+            log.error("%s failed after training: %s: %s", step, type(err).__name__, err)
+            self.errors.append({"step": step, "error": f"{type(err).__name__}: {err}"})
+            return None
+
+
+def instantiate_logger(cfg: DictConfig) -> Any:
+    """``cfg.logger`` built (False without one); a missing package is named."""
+    if cfg.get("logger") is None:
+        return False
+    try:
+        return hydra.utils.instantiate(cfg.logger)
+    except Exception as err:
+        if isinstance(err.__cause__, (ImportError, ModuleNotFoundError)) or "install" in str(err):
+            target = cfg.logger.get("_target_", "?")
+            raise RuntimeError(f"logger {target} needs a package that is not installed "
+                               f"({err.__cause__ or err}); install it, or use logger=csv") from err
+        raise
+
+
+def spectra_layer_names(cfg: DictConfig, net: torch.nn.Module) -> list[str]:
+    """The layers ``compression_report.png`` shows spectra of (``cfg.spectra_layers``)."""
+    names = cfg.get("spectra_layers")
+    if names is None:
+        return default_spectra_layers(net)
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"spectra_layers must be a list of module names (or null), "
+                         f"got {names!r}")
+    modules = dict(net.named_modules())
+    for name in names:
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+            layers = default_spectra_layers(net, count=len(modules))
+            raise ValueError(f"spectra_layers names {name!r}, which is not a conv or linear "
+                             f"layer of {cfg.model.arch}; e.g. {', '.join(layers[:8])}")
+    return list(names)
+
+
+def optim_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.optim`` as ImageClassifier arguments; unknown keys named before training."""
+    kwargs = OmegaConf.to_container(cfg.optim, resolve=True)
+    allowed = [n for n in inspect.signature(ImageClassifier).parameters
+               if n not in ("model", "num_classes", "max_epochs")]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"optim.{unknown[0]} is not an optimizer setting; allowed: "
+                         f"{', '.join('optim.' + n for n in allowed)}")
+    return kwargs
+
+
+def build(cfg: DictConfig) -> Run:
+    """Check the settings and the run dir, then build data, model, callbacks and trainer.
+
+    Raises:
+        FileExistsError: ``cfg.output_dir`` holds another run (see ``claim_run_dir``).
+        OSError: ``cfg.output_dir`` is not writable.
+        TypeError, ValueError: a bad ``optim.*`` (named), ``objective.*`` or other setting.
+    """
+    t0 = time.perf_counter()
+    objective = objective_config(cfg)
+    optim = optim_kwargs(cfg)
+    out = Path(cfg.output_dir)
+    check_writable(out)
+    rank0 = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    claim_run_dir(cfg, out, delete=rank0)
+    resuming = resumes_run_in(out, cfg.get("ckpt_path"))
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    net = build_model(cfg.model.arch, num_classes=datamodule.num_classes,
+                      in_channels=datamodule.in_channels, small_input=cfg.model.small_input)
+    try:
+        module = ImageClassifier(net, datamodule.num_classes, max_epochs=cfg.trainer.max_epochs,
+                                 **optim)
+    except (TypeError, ValueError) as err:  # name the override: "optim.lr must be a number"
+        raise type(err)(f"optim.{err}") from err
+    probe = RunProbe()
+    # The probe first: its on_train_end marks the training as over before the others'
+    # fit-end work (the callback's decomposition) can fail.
+    callbacks = [probe] + [hydra.utils.instantiate(c)
+                           for c in (cfg.get("callbacks") or {}).values()
+                           if c is not None and "_target_" in c]
+    logger = instantiate_logger(cfg)
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks,
+                                                  logger=logger)
+    # Before fit no process group exists, so this is no collective; the callback writes there.
+    callback_report = Path(trainer.log_dir or trainer.default_root_dir) / "compression_report.json"
+    # The CSV logger deletes metrics.csv when it starts: keep each earlier launch's copy.
+    kept_metrics = keep_metrics_history(logger, resuming) if rank0 else None
+    spectra_before: dict[str, torch.Tensor] = {}
+    if cfg.get("plot_compression", False):  # the paper's figure 1: spectra before and after
+        spectra_before = layer_spectra(net, spectra_layer_names(cfg, net))
+    return Run(cfg=cfg, out=out, objective=objective, datamodule=datamodule, net=net,
+               module=module, probe=probe, trainer=trainer, kept_metrics=kept_metrics,
+               spectra_before=spectra_before, callback_report=callback_report, t0=t0)
