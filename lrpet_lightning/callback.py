@@ -128,32 +128,18 @@ class LowRankProjectionCallback(Callback):
     parameters of the two-thin-layer model) is logged, printed and written to
     ``<trainer.log_dir>/compression_report.json``.
 
-    - The layers are planned, and the BatchNorm after each conv traced, during the first
-      training step itself: no extra forward pass.
-    - Epoch schedule: on the epoch's last batch, before validation and checkpointing, so that
-      epoch's metrics and checkpoints see the projected weights. Step schedule: right after
-      an optimizer step (never on an accumulating batch). Override :meth:`should_project`
-      for any other schedule.
+    - Planned, with the BatchNorm after each conv traced, during the first training step
+      (no extra forward pass). Epoch schedule: on the epoch's last batch, before validation
+      and checkpointing; step schedule: right after an optimizer step. Override
+      :meth:`should_project` for any other schedule.
     - Logged: ``lrpet/projection_time_s``, ``lrpet/num_projections``,
-      ``lrpet/mean_kept_energy``, ``lrpet/mean_relative_change`` (per layer too with
-      ``log_per_layer``), then ``lrpet/flops_reduction`` and ``lrpet/params_reduction``.
-    - Budgets instead of ``rank_ratio``: ``target_flops_reduction=0.8`` (or
-      ``target_params_reduction``) solves the ranks so that the decomposed model has that
-      much fewer FLOPs (parameters), within a fraction of a point above. ``"uniform"``
-      allocation (one rank ratio, from the layers' shapes) is solved at the first
-      projection; ``"spectrum"`` (per-layer ranks from the BN-rectified spectra) trains
-      ``budget_warmup_epochs`` epochs at full rank first and is solved at the first
-      projection after them (or at fit end). The ranks are then frozen and checkpointed
-      (``budget_ranks``), so a resumed run keeps them. FLOPs are counted on one sample of
-      the first training batch.
-    - Checkpointed (one entry per ``state_key``, so several instances can coexist): the
-      projection counters, ``ranks`` (``{layer: rank}``, also :attr:`ranks`),
-      ``budget_ranks`` and ``decomposed_ranks`` (the saved module's thin layers). To load a
-      decomposed checkpoint into a dense model without this callback, rebuild first:
-      ``decompose_(model, ranks=state["decomposed_ranks"]); model.load_state_dict(...)``.
-    - Works with DDP, AMP and ``bf16-true`` (the SVD runs in float32), and with a model or
-      network compiled by ``torch.compile``. FSDP, DeepSpeed and ModelParallel shard
-      parameters and are refused in ``setup``.
+      ``lrpet/mean_kept_energy``, ``lrpet/mean_relative_change``, then
+      ``lrpet/flops_reduction`` and ``lrpet/params_reduction``.
+    - A FLOPs or parameters budget instead of ``rank_ratio`` is solved once and its ranks
+      frozen and checkpointed (docs/budgets.md). Checkpointed per ``state_key``: the
+      counters, ``ranks`` (also :attr:`ranks`), ``budget_ranks``, ``decomposed_ranks``.
+    - DDP, AMP, ``bf16-true`` and ``torch.compile`` work; FSDP, DeepSpeed and
+      ModelParallel shard parameters and are refused in ``setup``.
 
     Args:
         rank_ratio: kept fraction of each layer's full rank, in (0, 1].

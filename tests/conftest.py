@@ -1,4 +1,5 @@
-"""Shared test settings: every test in its own working directory, one intra-op thread."""
+"""Shared test settings: every test in its own working directory, one intra-op thread; the
+``cfg_tiny`` fixture (a whole app run in seconds)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
         yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cfg_tiny(tmp_path: Path):
+    """The shipped default config (ResNet-20 on digits, LRPET, checkpoints) writing into
+    ``tmp_path``, trimmed to a run of seconds: ``train(cfg_tiny)`` is a whole run."""
+    from helpers import TINY_RUN, compose
+
+    return compose(f"output_dir={tmp_path}", *TINY_RUN)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,5 +1,6 @@
-"""Test helpers shared by the callback tests: a tiny conv classifier as a LightningModule
-(``Tiny``), a quiet CPU Trainer (``make_trainer``) and the numerical rank of every conv."""
+"""Test helpers shared by several test files: a tiny conv classifier as a LightningModule
+(``Tiny``), a quiet CPU Trainer (``make_trainer``), the numerical rank of every conv, and the
+app's shipped configs composed (``compose``) or trimmed to a run of seconds (``TINY_RUN``)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["CONVS", "RANK", "Net", "ResumableLoader", "Tiny", "conv_ranks", "make_trainer"]
+__all__ = ["CONVS", "RANK", "TINY_RUN", "Net", "ResumableLoader", "Tiny", "compose", "conv_ranks",
+           "make_trainer"]
+
+#: Overrides that make the shipped default run (ResNet-20 on digits) train for seconds.
+TINY_RUN = ("trainer.max_epochs=1", "+trainer.limit_train_batches=3",
+            "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
+            "+trainer.enable_progress_bar=false", "~callbacks.progress_bar")
+
+
+def compose(*overrides: str, return_hydra_config: bool = False) -> Any:
+    """``conf/train.yaml`` with ``overrides``, composed as ``lrpet-train`` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from lrpet_lightning.app.train import config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        return hydra_compose("train", overrides=list(overrides),
+                             return_hydra_config=return_hydra_config)
+
 
 RANK = 4  # rank_ratio=0.25 of 16: every conv below has full rank min(16, C*k*k) = 16
 CONVS = ("net.conv1", "net.conv2", "net.conv3")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import TINY_RUN, compose
 from omegaconf import DictConfig
 
 from lrpet_lightning.app.train import config_dir, load_compact_model, train
@@ -19,18 +19,12 @@ CONF = config_dir()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 
 
-def _compose(*overrides: str) -> DictConfig:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        return compose("train", overrides=list(overrides))
+_compose = compose
 
 
 def _tiny(tmp_path: Path, *overrides: str) -> DictConfig:
-    """A config that trains for seconds: a few batches, no progress bar, no checkpoint."""
-    return _compose(
-        f"output_dir={tmp_path}", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
-        "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
-        "+trainer.enable_progress_bar=false", "~callbacks.progress_bar", *overrides,
-    )
+    """A config that trains for seconds: a few batches, no progress bar."""
+    return compose(f"output_dir={tmp_path}", *TINY_RUN, *overrides)
 
 
 @pytest.mark.parametrize(
@@ -84,8 +78,9 @@ def test_flops_budget_run_meets_and_records_its_target(tmp_path: Path) -> None:
     assert 0.6 <= results["flops_reduction"] <= 0.61
 
 
-def test_digits_run_writes_results_and_a_compact_model_that_reloads(tmp_path: Path) -> None:
-    cfg = _tiny(tmp_path)
+def test_digits_run_writes_results_and_a_compact_model_that_reloads(
+        tmp_path: Path, cfg_tiny: DictConfig) -> None:
+    cfg = cfg_tiny
     results = train(cfg)
     written = json.loads((tmp_path / "results.json").read_text())
     for key in ("test_acc", "val_acc", "flops_reduction", "params_reduction", "rank_ratio",

@@ -7,7 +7,7 @@ import inspect
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from omegaconf import DictConfig, OmegaConf
 
 from lrpet_lightning.app import summarize
@@ -26,8 +26,7 @@ APP_OVERRIDES = {
 
 
 def _compose(*overrides: str) -> DictConfig:
-    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
-        return compose("train", overrides=["output_dir=/tmp/unused", *overrides])
+    return compose("output_dir=/tmp/unused", *overrides)
 
 
 def test_every_lrpet_yaml_key_is_a_callback_argument_with_its_default() -> None:

@@ -26,10 +26,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -442,12 +441,7 @@ def _app_overrides(*extra: str) -> list[str]:
             "test=false", *extra]  # every rank runs the whole run: a test split costs time
 
 
-def _compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
-    from lrpet_lightning.app.train import config_dir
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
-        return compose("train", overrides=list(overrides),
-                       return_hydra_config=return_hydra_config)
+_compose = compose
 
 
 def test_the_ddp_cpu_trainer_has_the_app_start_lightning_ddp_ranks() -> None:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from omegaconf import DictConfig
 
 import lrpet_lightning.app.train as app
 from lrpet_lightning.app.module import ImageClassifier
-from lrpet_lightning.app.train import config_dir, train
+from lrpet_lightning.app.train import train
 
 BATCHES = 3  # training batches per epoch
 HERE = Path(__file__).resolve().parent  # lifecycle_callbacks.py, for lrpet-train
@@ -28,12 +28,11 @@ HERE = Path(__file__).resolve().parent  # lifecycle_callbacks.py, for lrpet-trai
 
 def _cfg(out: Path, *overrides: str) -> DictConfig:
     """The shipped default config (checkpoints included), trimmed to seconds."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
-        return compose("train", overrides=[
-            f"output_dir={out}", "trainer.max_epochs=1", f"+trainer.limit_train_batches={BATCHES}",
-            "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
-            "+trainer.enable_progress_bar=false", "~callbacks.progress_bar",
-            "plot_compression=false", *overrides])
+    return compose(
+        f"output_dir={out}", "trainer.max_epochs=1", f"+trainer.limit_train_batches={BATCHES}",
+        "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+        "+trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+        "plot_compression=false", *overrides)
 
 
 def _ckpt(path: Path) -> dict:
@@ -225,6 +224,27 @@ def test_faults_after_training_are_recorded_not_lost(
     assert [e["step"] for e in written["errors"]] == ["compact model"]
     assert "No space left on device" in written["errors"][0]["error"]
     assert "compact_model" not in results
+
+
+def test_a_results_file_that_cannot_be_written_still_reaches_the_user(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    real = app._write
+
+    def refuse_results(path, text):
+        if Path(path).name == "results.json":
+            raise OSError(28, "No space left on device")
+        return real(path, text)
+
+    monkeypatch.setattr(app, "_write", refuse_results)
+    with caplog.at_level(logging.ERROR, logger="lrpet_lightning.app.train"):
+        with pytest.raises(OSError, match="No space left"):
+            train(_cfg(tmp_path))
+    logged = caplog.text[caplog.text.index("the results were:"):]
+    results = json.loads(logged[logged.index("{"):logged.rindex("}") + 1])
+    assert results["status"] == "finished" and results["flops_reduction"] > 0.3
+    assert "FLOPs reduction" in capsys.readouterr().out  # the summary table printed too
+    assert (tmp_path / "compact_model.pt").is_file()  # written before: not lost
 
 
 def test_a_run_dir_made_read_only_at_fit_end_loses_nothing_and_relaunches(

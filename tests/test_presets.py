@@ -31,7 +31,7 @@ from typing import Any
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from omegaconf import DictConfig
 from torch import nn
 
@@ -68,9 +68,8 @@ VGG_REFERENCE_LISTS = [
 
 
 def _compose(preset: str, *overrides: str) -> DictConfig:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        return compose("train", overrides=[f"experiment={preset}", "output_dir=/tmp/unused",
-                                           "data.root=/tmp/no-data", *overrides])
+    return compose(f"experiment={preset}", "output_dir=/tmp/unused", "data.root=/tmp/no-data",
+                   *overrides)
 
 
 def _decompose_as_the_app(cfg: DictConfig, device: str = "meta") -> tuple[CompressionReport,
@@ -127,13 +126,12 @@ def test_vgg16_preset_plans_the_reference_ranks() -> None:
 def test_vgg16_preset_trains_in_the_app(tmp_path: Path) -> None:
     """Its per-layer names must match what the callback sees in the app (``model.``…): a
     pattern that matches nothing stops the fit. Fake data, CPU, two batches."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("train", overrides=[
-            "experiment=cifar10_vgg16", "data=fake", "data.num_samples=16", "data.batch_size=8",
-            "trainer=cpu", f"output_dir={tmp_path}", "trainer.max_epochs=1",
-            "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-            "+trainer.limit_test_batches=1", "+trainer.enable_progress_bar=false",
-            "~callbacks.progress_bar"])
+    cfg = compose(
+        "experiment=cifar10_vgg16", "data=fake", "data.num_samples=16", "data.batch_size=8",
+        "trainer=cpu", f"output_dir={tmp_path}", "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1", "+trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar")
     results = train(cfg)
     assert 100 * results["flops_reduction"] == pytest.approx(REFERENCE["cifar10_vgg16"],
                                                              abs=TOLERANCE)

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from helpers import compose
 
 from lrpet_lightning.app import summarize as summarize_module
 from lrpet_lightning.app.summarize import load_runs, main, pareto_front, summarize
-from lrpet_lightning.app.train import _task, config_dir, train
+from lrpet_lightning.app.train import _task, train
 
 #: The fastest settings that still train, project, decompose and test (see test_app.py).
 TINY = ["data=fake", "data.num_samples=16", "data.batch_size=8", "trainer.max_epochs=1",
@@ -27,9 +26,7 @@ TINY = ["data=fake", "data.num_samples=16", "data.batch_size=8", "trainer.max_ep
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _compose(*overrides: str) -> DictConfig:
-    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
-        return compose("train", overrides=list(overrides))
+_compose = compose
 
 
 def _lrpet_train(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

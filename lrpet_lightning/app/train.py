@@ -252,7 +252,13 @@ def write(run: Run, ev: Evaluation) -> dict[str, Any]:
     results["wall_time_s"] = time.perf_counter() - run.t0
     results = json_safe(results)
     if rank0:
-        _write(out / "results.json", json.dumps(results, indent=2, allow_nan=False))
+        text = json.dumps(results, indent=2, allow_nan=False)
+        try:
+            _write(out / "results.json", text)
+        except OSError:  # the results must reach the user even if the file cannot
+            log.error("could not write %s; the results were:\n%s", out / "results.json", text)
+            print(summary(results))
+            raise
         log.info("%s: val_acc=%s test_acc=%s flops_reduction=%s; results in %s",
                  results["status"], results["val_acc"], results["test_acc"],
                  results["flops_reduction"], out / "results.json")
