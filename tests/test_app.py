@@ -48,7 +48,8 @@ def test_default_composition_is_digits_resnet20_with_lrpet() -> None:
     assert cfg.callbacks.lrpet._target_ == "lrpet_lightning.LowRankProjectionCallback"
 
 
-@pytest.mark.parametrize("model", ["resnet20", "resnet32", "vgg16_bn"])
+@pytest.mark.parametrize("model", ["resnet20", "resnet32",
+                                   pytest.param("vgg16_bn", marks=pytest.mark.slow)])
 def test_train_runs_each_cifar_model_on_fake_data(tmp_path: Path, model: str) -> None:
     cfg = _tiny(tmp_path, f"model={model}", "data=fake", "data.num_samples=16",
                 "data.batch_size=8")
@@ -57,7 +58,8 @@ def test_train_runs_each_cifar_model_on_fake_data(tmp_path: Path, model: str) ->
     assert results["flops_reduction"] > 0.3
 
 
-@pytest.mark.parametrize("arch", ["tv_resnet18", "tv_mobilenet_v2"])
+@pytest.mark.parametrize("arch", [pytest.param("tv_resnet18", marks=pytest.mark.slow),
+                                  "tv_mobilenet_v2"])
 def test_train_runs_torchvision_models(tmp_path: Path, arch: str) -> None:
     small = "true" if arch == "tv_resnet18" else "false"
     cfg = _tiny(tmp_path, "model=torchvision", f"model.arch={arch}", f"model.small_input={small}",

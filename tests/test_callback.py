@@ -600,6 +600,7 @@ def test_pattern_matching_nothing_fails_at_the_first_step() -> None:
 
 
 # ----------------------------------------------------------------------------- example
+@pytest.mark.slow  # a fresh interpreter running examples/add_callback.py: ~10 s
 def test_add_callback_example_runs(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # see above
     out = subprocess.run([sys.executable, str(REPO / "examples" / "add_callback.py")],

@@ -48,6 +48,7 @@ def _assert_png(path: Path) -> None:
     assert data[:8] == PNG_MAGIC and len(data) > 5_000, path
 
 
+@pytest.mark.slow  # two lrpet-train runs in fresh interpreters: ~10 s
 def test_multirun_over_rank_ratios_then_summarize(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     sweep = tmp_path / "sweep"
