@@ -8,7 +8,8 @@ from torch import nn
 
 from lrpet_lightning.models import available_models, build_model, resnet56, resnet110
 
-CIFAR_MODELS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg16_bn"]
+CIFAR_MODELS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg16_bn",
+                "googlenet"]
 TV_RESNETS = ["tv_resnet18", "tv_resnet34", "tv_resnet50"]
 
 
@@ -105,6 +106,34 @@ def test_vgg16_bn_structure() -> None:
     assert _count(model, nn.BatchNorm2d) == 13
     assert _count(model, nn.Linear) == 1
     assert model.classifier.in_features == 512 and model.classifier.out_features == 100
+
+
+def test_googlenet_is_the_common_cifar_variant() -> None:
+    """192-channel 3x3 pre-layer, Inception a3 b3 | a4-e4 | a5 b5 (7 convs each), one Linear:
+    6.17 M parameters and 1.52 G multiply-accumulates at 32x32, the figures usually quoted
+    for the CIFAR GoogLeNet."""
+    from lrpet_lightning import compression_report
+
+    model = build_model("googlenet", num_classes=10)
+    assert model.pre_layers[0].out_channels == 192 and model.pre_layers[0].kernel_size == (3, 3)
+    assert _count(model, nn.Conv2d) == 1 + 9 * 7 and _count(model, nn.Linear) == 1
+    assert model.linear.in_features == 1024
+    assert _n_params(model) == 6_166_250
+    widths = {}
+    x = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad():
+        x = model.b3(model.a3(model.pre_layers(x)))
+        widths["b3"] = x.shape[1:]
+        x = model.maxpool(x)
+        for name in ("a4", "b4", "c4", "d4", "e4"):
+            x = getattr(model, name)(x)
+        widths["e4"] = x.shape[1:]
+        widths["b5"] = model.b5(model.a5(model.maxpool(x))).shape[1:]
+    assert widths == {"b3": (480, 32, 32), "e4": (832, 16, 16), "b5": (1024, 8, 8)}
+    with torch.device("meta"):
+        net = build_model("googlenet")
+        macs = compression_report(net, net, torch.zeros(1, 3, 32, 32)).dense_flops / 2
+    assert macs == pytest.approx(1.52e9, rel=0.005)  # the report counts 2 FLOPs per MAC
 
 
 def test_unknown_name_raises() -> None:

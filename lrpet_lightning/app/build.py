@@ -13,7 +13,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lrpet_lightning.app.module import ImageClassifier
 from lrpet_lightning.app.results import RunProbe, objective_config
@@ -24,10 +24,12 @@ from lrpet_lightning.app.rundir import (
     resumes_run_in,
 )
 from lrpet_lightning.callback import LowRankProjectionCallback
+from lrpet_lightning.core.checks import check_int
 from lrpet_lightning.models import build_model
 from lrpet_lightning.plots import default_spectra_layers, layer_spectra
 
-__all__ = ["Run", "build", "instantiate_logger", "optim_kwargs", "spectra_layer_names"]
+__all__ = ["Run", "build", "check_world_size", "data_config", "instantiate_logger", "optim_kwargs",
+           "spectra_layer_names", "world_size"]
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +115,149 @@ def optim_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
+def _device_count(devices: Any, accelerator: Any) -> int:
+    """Processes per node for ``trainer.devices``, resolved as Lightning resolves it."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "," in text:  # "0,1" (or "0,"): device ids
+            return len([i for i in text.split(",") if i.strip()])
+        if text == "-1" or text.isdigit():
+            devices = int(text)
+        elif text == "auto":
+            devices = "auto"
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    if devices == "auto" or devices == -1:
+        # "auto" (and -1, "every GPU") means every visible GPU on a GPU, else one process.
+        gpu = accelerator in ("gpu", "cuda") or (accelerator in (None, "auto")
+                                                  and torch.cuda.is_available())
+        if gpu:
+            return torch.cuda.device_count()
+        if devices == -1:
+            raise ValueError(f"trainer.devices=-1 means every GPU, but trainer.accelerator="
+                             f"{accelerator} has none; give a count of processes")
+        return 1
+    return check_int("trainer.devices", devices, minimum=1,
+                     meaning='processes per node, or "auto" or -1')
+
+
+def world_size(trainer_cfg: Any) -> int:
+    """The number of processes a ``trainer`` config launches: ``devices`` × ``num_nodes``.
+
+    ``devices`` may be a count, a list or string of device ids, ``"auto"`` or ``-1``;
+    the last two are resolved as Lightning resolves them (every visible GPU on a GPU
+    accelerator, one process otherwise). :func:`check_world_size` checks the result against
+    the trainer once it is built.
+
+    Args:
+        trainer_cfg: ``cfg.trainer`` (a mapping with ``devices``, ``accelerator`` and
+            optionally ``num_nodes``).
+
+    Returns:
+        The world size, >= 1.
+
+    Raises:
+        TypeError, ValueError: ``devices`` or ``num_nodes`` is not a valid count.
+
+    Example:
+        >>> world_size({"accelerator": "gpu", "devices": 8, "num_nodes": 2})
+        16
+    """
+    devices = _device_count(trainer_cfg.get("devices", "auto"), trainer_cfg.get("accelerator"))
+    if devices < 1:
+        raise ValueError(f"trainer.devices={trainer_cfg.get('devices')!r} resolves to no "
+                         f"device on this machine")
+    nodes = check_int("trainer.num_nodes", trainer_cfg.get("num_nodes", 1), minimum=1)
+    return devices * nodes
+
+
+def data_config(cfg: DictConfig) -> DictConfig:
+    """``cfg.data`` as the datamodule takes it, its batch per process derived.
+
+    With ``data.global_batch_size`` set (the ImageNet presets: 256, the paper's batch), the
+    per-process ``batch_size`` is ``global_batch_size / world_size(cfg.trainer)``, so the
+    global batch, and with it the recipe's learning rate, stays the same on any number of
+    GPUs and nodes. Without it (null or absent), ``data.batch_size`` is per process, as always.
+
+    Args:
+        cfg: the composed run config.
+
+    Returns:
+        A copy of ``cfg.data`` without ``global_batch_size`` (``cfg`` is left as it is).
+
+    Raises:
+        TypeError: ``data.global_batch_size`` is not an int.
+        ValueError: it is < 1, it does not divide over the processes, or ``data.batch_size``
+            is set as well (which of the two would be meant is unclear).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> cfg = OmegaConf.create({"trainer": {"accelerator": "gpu", "devices": 8,
+        ...     "num_nodes": 1}, "data": {"batch_size": None, "global_batch_size": 256}})
+        >>> data_config(cfg).batch_size
+        32
+    """
+    data = cfg.data.copy()  # shallow: interpolations still resolve against cfg
+    if "global_batch_size" not in data:
+        return data
+    with open_dict(data):
+        total = data.pop("global_batch_size")
+    if total is None:
+        return data
+    total = check_int("data.global_batch_size", total, minimum=1,
+                      meaning="samples per optimizer step over all processes")
+    if data.get("batch_size") is not None:
+        raise ValueError(f"data.batch_size={data.batch_size} (per process) and "
+                         f"data.global_batch_size={total} (over all processes) are both set; "
+                         f"keep one: add data.global_batch_size=null to give the batch per "
+                         f"process, or data.batch_size=null to derive it")
+    processes = world_size(cfg.trainer)
+    if total % processes:
+        raise ValueError(
+            f"data.global_batch_size={total} does not divide over trainer.devices="
+            f"{cfg.trainer.get('devices')} x trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}"
+            f" = {processes} processes; set data.global_batch_size to a multiple of "
+            f"{processes} (scaling optim.lr with it), or data.global_batch_size=null "
+            f"data.batch_size=<per process>")
+    data.batch_size = total // processes
+    return data
+
+
+def check_world_size(cfg: DictConfig, trainer: pl.Trainer) -> None:
+    """Refuse a trainer whose world size is not the one ``data.global_batch_size`` was divided
+    by (``trainer.devices`` resolved differently from :func:`world_size`).
+
+    Raises:
+        ValueError: the global batch would not be ``data.global_batch_size``.
+    """
+    total = cfg.data.get("global_batch_size")
+    if total is None:
+        return
+    expected = world_size(cfg.trainer)
+    if trainer.world_size != expected:
+        raise ValueError(
+            f"data.global_batch_size={total} was divided over trainer.devices="
+            f"{cfg.trainer.get('devices')} x trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}"
+            f" = {expected} processes, but the trainer runs {trainer.world_size}; give "
+            f"trainer.devices as a count")
+
+
 def build(cfg: DictConfig) -> Run:
     """Check the settings and the run dir, then build data, model, callbacks and trainer.
 
     Raises:
         FileExistsError: ``cfg.output_dir`` holds another run (see ``claim_run_dir``).
         OSError: ``cfg.output_dir`` is not writable.
-        TypeError, ValueError: a bad ``optim.*`` (named), ``objective.*`` or other setting.
+        TypeError, ValueError: a bad ``optim.*`` (named), ``objective.*`` or other setting,
+            or a ``data.global_batch_size`` that does not divide over the processes.
     """
     t0 = time.perf_counter()
     objective = objective_config(cfg)
     optim = optim_kwargs(cfg)
+    data = data_config(cfg)  # before the run dir is claimed: a bad batch leaves no trace
+    if cfg.data.get("global_batch_size") is not None:
+        log.info("data.global_batch_size=%s over %d process(es): data.batch_size=%d per process",
+                 cfg.data.global_batch_size, world_size(cfg.trainer), data.batch_size)
     out = Path(cfg.output_dir)
     check_writable(out)
     rank0 = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
@@ -131,7 +265,7 @@ def build(cfg: DictConfig) -> Run:
     resuming = resumes_run_in(out, cfg.get("ckpt_path"))
     pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = hydra.utils.instantiate(data)
     net = build_model(cfg.model.arch, num_classes=datamodule.num_classes,
                       in_channels=datamodule.in_channels, small_input=cfg.model.small_input)
     try:
@@ -148,6 +282,7 @@ def build(cfg: DictConfig) -> Run:
     logger = instantiate_logger(cfg)
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks,
                                                   logger=logger)
+    check_world_size(cfg, trainer)
     # Before fit no process group exists, so this is no collective; the callback writes there.
     callback_report = Path(trainer.log_dir or trainer.default_root_dir) / "compression_report.json"
     # The CSV logger deletes metrics.csv when it starts: keep each earlier launch's copy.

@@ -23,7 +23,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrpet_lightning.app.build import Run, build
+from lrpet_lightning.app.build import Run, build, data_config
 from lrpet_lightning.app.compact import input_spec, load_compact_model
 from lrpet_lightning.app.results import (
     count_compression,
@@ -87,6 +87,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_compact_model_name(cfg.compact_model_name)
     check_strategy(cfg)
     if spawns_here(cfg):
+        data_config(cfg)  # a global batch that does not divide is refused before spawning
         check_writable(Path(cfg.output_dir))
         claim_run_dir(cfg, Path(cfg.output_dir), delete=False)  # refuse before spawning
         return train_spawned(cfg)

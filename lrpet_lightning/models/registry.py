@@ -1,4 +1,5 @@
-"""Build models by name: the CIFAR zoo in this package plus a few torchvision models."""
+"""Build models by name: the CIFAR zoo in this package (ResNets, VGG-16-BN, GoogLeNet) plus a
+few torchvision models."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from lrpet_lightning.core.checks import check_bool, check_int
 
 from .cifar_resnet import resnet20, resnet32, resnet44, resnet56, resnet110
+from .googlenet import googlenet
 from .vgg import vgg16_bn
 
 __all__ = ["available_models", "build_model"]
@@ -22,6 +24,7 @@ _CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet56": resnet56,
     "resnet110": resnet110,
     "vgg16_bn": vgg16_bn,
+    "googlenet": googlenet,
 }
 
 # Registry name -> torchvision builder name.
