@@ -11,12 +11,10 @@ solving a budget (:mod:`~lrpet_lightning.core.budget`) and the compression repor
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,18 +22,15 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
-from lrpet_lightning.core.budget import RankSolution, solve_ranks_for_layers
+from lrpet_lightning.core.budget import RankSolution
 from lrpet_lightning.core.checkpoint import optimizers_match
 from lrpet_lightning.core.checks import check_bool, check_int
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.distributed import project_layers_distributed_
 from lrpet_lightning.core.network import Network, find_network
-from lrpet_lightning.core.plan import LayerPlan, merge_trace, select_plan, set_ranks, skip_message
-from lrpet_lightning.core.report import CompressionReport, projection_summary, rank_report
-from lrpet_lightning.core.trace import BNPairTracer, InputRecorder
+from lrpet_lightning.core.report import CompressionReport, projection_summary
 from lrpet_lightning.core.transforms import (
     LayerRecord,
     decompose_,
@@ -43,6 +38,7 @@ from lrpet_lightning.core.transforms import (
     match_architecture_,
 )
 from lrpet_lightning.core.walk import TargetLayer
+from lrpet_lightning.fit_state import FitState
 
 __all__ = ["LowRankProjectionCallback"]
 
@@ -50,72 +46,6 @@ __all__ = ["LowRankProjectionCallback"]
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
 # A projection that skipped no layer for one of these reasons leaves the weights exactly low rank.
 _EXACT_SKIPS = (None, "rank >= full rank", "all-zero layer")
-
-
-@dataclass
-class _FitState:
-    """What one fit plans and sees. Made afresh in ``setup`` for every fit: one callback may
-    serve several Trainers and models. ``ranks`` and ``budget_ranks`` are checkpointed."""
-
-    #: The targeted layers (ranks set, BatchNorms attached once traced); None before
-    #: planning and after decomposition (the planned modules are gone).
-    plan: LayerPlan | None = None
-    #: ``{layer: rank}`` the layers are projected at (empty while a budget is unsolved).
-    ranks: dict[str, int] = field(default_factory=dict)
-    #: A budget's solved ranks (None until solved), frozen once solved.
-    budget_ranks: dict[str, int] | None = None
-    budget_solution: RankSolution | None = None
-    first_records: list[LayerRecord] = field(default_factory=list)
-    tracer: BNPairTracer | None = None  # live during the first training step only
-    inputs: InputRecorder | None = None  # one sample of the network's input
-    traced: bool = False
-    step_at_batch_start: int = -1
-    projected_this_epoch: bool = False
-    #: True while the weights are exactly low rank: projected with residual_scale=0 and no
-    #: optimizer step since.
-    exact: bool = False
-
-    @property
-    def layers(self) -> list[TargetLayer]:
-        return [] if self.plan is None else self.plan.layers
-
-    @property
-    def example_inputs(self) -> Any:
-        return None if self.inputs is None else self.inputs.inputs
-
-    def start_tracing(self, model: nn.Module, inputs_of: nn.Module | None) -> None:
-        """Hook the first training step: BN pairs and outside reads of the planned layers
-        (``model``'s), and the input of ``inputs_of`` (when given)."""
-        self.traced = True
-        self.tracer = BNPairTracer(model, self.layers).__enter__()
-        if inputs_of is not None and self.inputs is None:
-            self.inputs = InputRecorder(inputs_of).__enter__()
-
-    def finish_tracing(self, model: nn.Module, bn_rectification: bool) -> list[str]:
-        """Unhook, and apply the trace to the plan; the warnings to give (once per fit)."""
-        if self.inputs is not None:
-            self.inputs.__exit__()  # it removes itself once it ran; this is for a step that did not
-        if self.tracer is None or self.plan is None:
-            return []
-        self.tracer.__exit__()
-        trace, self.tracer = self.tracer.trace(), None
-        traced = merge_trace(self.plan, trace, bn_rectification, not_run_note=(
-            "did not run in the first training step: no BN rectification for it"))
-        self.ranks = {n: r for n, r in self.ranks.items() if n not in traced.skipped}
-        messages = [skip_message("LowRankProjectionCallback", traced.skipped, traced.notes)]
-        if not trace.pairs and any(isinstance(m, _BatchNorm) for m in model.modules()):
-            messages.append("no conv feeds a BatchNorm directly in the first training step (a "
-                            "compiled model hides its data flow from hooks); BN rectification "
-                            "is off. Set bn_rectification=False to silence this.")
-        if self.inputs is not None and self.inputs.problem:
-            messages.append(f"{self.inputs.problem}; the compression report is skipped")
-        return [m for m in messages if m]
-
-    def remove_hooks(self) -> None:
-        for hooks in (self.inputs, self.tracer):
-            if hooks is not None:
-                hooks.__exit__()
-        self.tracer = None
 
 
 class LowRankProjectionCallback(Callback):
@@ -233,7 +163,7 @@ class LowRankProjectionCallback(Callback):
         #: The compression report of the last fit (None until one is made).
         self.compression: CompressionReport | None = None
         self._hooked: nn.Module | None = None  # the module whose loads match checkpoints
-        self._fit = _FitState()
+        self._fit = FitState()
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -320,16 +250,6 @@ class LowRankProjectionCallback(Callback):
         return ((epoch + 1) % self.every_n_epochs == 0 and epoch >= self.start
                 and (self.stop is None or epoch < self.stop))
 
-    def _budget_pending(self, trainer: pl.Trainer) -> bool:
-        """Whether a spectrum budget is still in its warm-up (no projection yet)."""
-        if self.config.budget is None or self._fit.budget_ranks is not None:
-            return False
-        if self.config.allocation != "spectrum":
-            return False
-        # An epoch-end projection comes after the epoch; a step one within it.
-        done = trainer.current_epoch + (1 if self.every_n_train_steps is None else 0)
-        return done < self.budget_warmup_epochs
-
     # ---------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -343,7 +263,7 @@ class LowRankProjectionCallback(Callback):
             return  # the rest only acts while fitting
         # Plan afresh in every fit: this one may train another model. (A resumed fit gets
         # its budget ranks back from the checkpoint, which is restored after setup.)
-        self._fit = _FitState()
+        self._fit = FitState()
         # Match on the class hierarchy's names so subclasses of these strategies are refused
         # too, without importing optional backends (deepspeed) just to check.
         names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
@@ -360,27 +280,9 @@ class LowRankProjectionCallback(Callback):
         # that matches nothing fails before any training time is spent. (For a budget:
         # every targeted layer at full rank until the budget is solved.)
         fit = self._fit
-        try:
-            fit.plan = select_plan(pl_module, self.config)
-        except ValueError:
-            if not decomposed_ranks(pl_module):
-                raise
-            # A relaunch of a run that was decomposed at fit end (the checkpoint holds thin
-            # layers): they are rank r by construction, and nothing is left to project.
-            fit.plan = LayerPlan([])
-            rank_zero_info("LRPET: the model is already decomposed into thin layers; "
-                           "nothing is left to project")
-        self._check_overlap(trainer, fit.layers)
-        if fit.plan.skipped:
-            rank_zero_warn("LRPET: " + skip_message("LowRankProjectionCallback",
-                                                     fit.plan.skipped))
-        if self.config.budget is not None and fit.budget_ranks is not None and fit.layers:
-            # Restored from a checkpoint: frozen.
-            set_ranks(fit.layers, fit.budget_ranks,
-                      "LRPET: the budget ranks restored from the checkpoint")
-        unsolved = self.config.budget is not None and fit.budget_ranks is None
-        fit.ranks = {} if unsolved else fit.plan.ranks
-        fit.traced = not fit.layers  # nothing to trace when nothing is planned
+        for info, message in fit.plan_for(pl_module, self.config):
+            (rank_zero_info if info else rank_zero_warn)("LRPET: " + message)
+        _check_overlap(self, trainer, fit.layers)
         rank_zero_info(f"LRPET: projecting {len(fit.layers)} layer(s) "
                        + (f"every {self.every_n_train_steps} optimizer step(s)"
                           if self.every_n_train_steps else f"every {self.every_n_epochs} epoch(s)"))
@@ -464,19 +366,6 @@ class LowRankProjectionCallback(Callback):
             rank_zero_info(f"LRPET: decomposed {len(decomposed)} layer(s) into thin pairs")
 
     # ------------------------------------------------------------------------ internals
-    def _check_overlap(self, trainer: pl.Trainer, layers: Sequence[TargetLayer]) -> None:
-        """Refuse two LRPET callbacks projecting the same layer (each would fight the other's
-        ranks, and the second decomposition would find the layer gone)."""
-        mine = {id(layer.module): layer.name for layer in layers}
-        shared = [mine[id(x.module)] for other in trainer.callbacks if other is not self
-                  and isinstance(other, LowRankProjectionCallback)
-                  for x in other._fit.layers if id(x.module) in mine]
-        if shared:
-            raise MisconfigurationException(
-                f"two LowRankProjectionCallback instances target the same layers "
-                f"({', '.join(shared[:4])}{', ...' if len(shared) > 4 else ''}); give them "
-                "disjoint include/exclude patterns")
-
     def _maybe_project_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._fit.projected_this_epoch and self.should_project(trainer.global_step,
                                                                       trainer.current_epoch):
@@ -493,27 +382,18 @@ class LowRankProjectionCallback(Callback):
         return find_network(pl_module, self._fit.ranks or [x.name for x in self._fit.layers])
 
     def _solve_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Solve the budget once, on the current weights, and freeze the ranks."""
-        fit, network = self._fit, self._network(pl_module)
-        # The live layers, named relative to the network; FLOPs are counted on a copy (the
-        # live forward may have side effects).
-        fit.budget_solution = solve_ranks_for_layers(
-            copy.deepcopy(network.eager), network.local_layers(fit.layers), self.config,
-            self._fit.example_inputs)
-        ranks = network.qualified(fit.budget_solution.ranks)
-        # One decision for every replica, whatever their SVD round-off.
-        fit.budget_ranks = dict(trainer.strategy.broadcast(ranks, src=0))
-        set_ranks(fit.layers, fit.budget_ranks, "LRPET: the broadcast budget ranks")
-        fit.ranks = dict(fit.budget_ranks)
+        solution = self._fit.solve_budget(self._network(pl_module), self.config,
+                                          lambda ranks: trainer.strategy.broadcast(ranks, src=0))
         rank_zero_info(f"LRPET budget solved (epoch {trainer.current_epoch}, step "
-                       f"{trainer.global_step}), ranks now frozen: "
-                       f"{fit.budget_solution.summary()}")
+                       f"{trainer.global_step}), ranks now frozen: {solution.summary()}")
 
     def _project(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                  config: LowRankConfig | None = None, final: bool = False) -> None:
         fit = self._fit
         if self.config.budget is not None and fit.budget_ranks is None:
-            if not final and self._budget_pending(trainer):
+            # An epoch-end projection comes after the epoch; a step one within it.
+            done = trainer.current_epoch + (1 if self.every_n_train_steps is None else 0)
+            if not final and fit.budget_pending(self.config, done, self.budget_warmup_epochs):
                 return  # warm-up at full rank: the spectra are not worth reading yet
             self._solve_budget(trainer, pl_module)
         config = config or self.config
@@ -547,27 +427,45 @@ class LowRankProjectionCallback(Callback):
             rank_zero_warn("LRPET: no model input was seen during training; the compression "
                            "report is skipped")
             return
-        network = self._network(pl_module)
-        try:  # counted on copies of the network, named as the records are
-            self.compression = rank_report(
-                network.eager, network.local(self._fit.ranks), self._fit.example_inputs,
-                include_linear=self.config.include_linear).qualified(network.prefix)
+        try:
+            self.compression = self._fit.report(self._network(pl_module),
+                                                self.config.include_linear)
         except Exception as err:  # noqa: BLE001 - a report must not fail a finished training
             rank_zero_warn(f"LRPET: the compression report failed and is skipped: "
                            f"{type(err).__name__}: {err}")
             return
-        if trainer.is_global_zero:
-            rank_zero_info("LRPET compression report:\n" + self.compression.format_table())
-            path = os.path.join(log_dir, "compression_report.json")
-            try:
-                self.compression.save(path)
-            except OSError as err:  # a read-only log dir must not lose the decomposition
-                rank_zero_warn(f"LRPET: the compression report could not be written to {path}:"
-                               f" {type(err).__name__}: {err}")
-        for logger in trainer.loggers:
-            logger.log_metrics({"lrpet/flops_reduction": self.compression.flops_reduction,
-                                "lrpet/params_reduction": self.compression.params_reduction},
-                               step=trainer.global_step)
+        _publish_report(trainer, self.compression, log_dir)
+
+
+def _publish_report(trainer: pl.Trainer, report: CompressionReport, log_dir: str) -> None:
+    """Print and save the report (rank 0) and log its two reductions (every rank)."""
+    if trainer.is_global_zero:
+        rank_zero_info("LRPET compression report:\n" + report.format_table())
+        path = os.path.join(log_dir, "compression_report.json")
+        try:
+            report.save(path)
+        except OSError as err:  # a read-only log dir must not lose the decomposition
+            rank_zero_warn(f"LRPET: the compression report could not be written to {path}: "
+                           f"{type(err).__name__}: {err}")
+    for logger in trainer.loggers:
+        logger.log_metrics({"lrpet/flops_reduction": report.flops_reduction,
+                            "lrpet/params_reduction": report.params_reduction},
+                           step=trainer.global_step)
+
+
+def _check_overlap(me: LowRankProjectionCallback, trainer: pl.Trainer,
+                   layers: Sequence[TargetLayer]) -> None:
+    """Refuse two LRPET callbacks projecting the same layer (each would fight the other's
+    ranks, and the second decomposition would find the layer gone)."""
+    mine = {id(layer.module): layer.name for layer in layers}
+    shared = [mine[id(x.module)] for other in trainer.callbacks if other is not me
+              and isinstance(other, LowRankProjectionCallback)
+              for x in other._fit.layers if id(x.module) in mine]
+    if shared:
+        raise MisconfigurationException(
+            f"two LowRankProjectionCallback instances target the same layers "
+            f"({', '.join(shared[:4])}{', ...' if len(shared) > 4 else ''}); give them "
+            "disjoint include/exclude patterns")
 
 
 def _spawned(trainer: pl.Trainer) -> bool:

@@ -305,7 +305,7 @@ def count_solves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(1)
         return solve(*args, **kwargs)
 
-    monkeypatch.setattr("lrpet_lightning.callback.solve_ranks_for_layers", counting)
+    monkeypatch.setattr("lrpet_lightning.fit_state.solve_ranks_for_layers", counting)
     return calls
 
 

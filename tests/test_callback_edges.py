@@ -3,6 +3,7 @@ layer at the last scheduled projection, a relaunch of a decomposed model, and la
 weight the parent reads or that do not run in the first step."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -244,3 +245,27 @@ def test_merge_trace_returns_only_what_the_trace_added_and_set_ranks_checks_name
     assert plan.ranks == {"net.conv1": 2}
     with pytest.raises(ValueError, match="restored ranks name other layers"):
         set_ranks(plan.layers, {"net.conv9": 2}, "restored ranks")
+
+
+class ReluFirst(Net):
+    """Every BatchNorm follows a ReLU: no conv feeds one directly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(F.relu(self.conv1(x)))
+        x = self.late_bn(F.relu(self.late(F.relu(self.conv2(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("bn_rectification", [True, False])
+def test_no_bn_pair_warning_only_while_bn_rectification_is_asked_for(
+        bn_rectification: bool) -> None:
+    model = Tiny()
+    model.net = ReluFirst()
+    cb = LowRankProjectionCallback(rank_ratio=0.25, bn_rectification=bn_rectification,
+                                   report=False)
+    with pytest.warns() if bn_rectification else warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        trainer([cb]).fit(model)
+    said = [str(w.message) for w in got]
+    assert any("no conv feeds a BatchNorm" in m for m in said) == bn_rectification
+    assert cb.num_projections == 1
