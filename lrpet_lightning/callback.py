@@ -12,7 +12,6 @@ solving a budget (:mod:`~lrpet_lightning.core.budget`) and the compression repor
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,26 +23,31 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lrpet_lightning.callback_support import (
+    check_schedule,
+    log_projection,
+    match_checkpoint,
+    publish_report,
+    refuse_sharded,
+    spawned,
+)
 from lrpet_lightning.core.budget import RankSolution
 from lrpet_lightning.core.checkpoint import optimizers_match
 from lrpet_lightning.core.checks import check_bool, check_int
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.distributed import project_layers_distributed_
 from lrpet_lightning.core.network import Network, find_network
-from lrpet_lightning.core.report import CompressionReport, projection_summary
+from lrpet_lightning.core.report import CompressionReport
 from lrpet_lightning.core.transforms import (
     LayerRecord,
     decompose_,
     decomposed_ranks,
-    match_architecture_,
 )
 from lrpet_lightning.core.walk import TargetLayer
 from lrpet_lightning.fit_state import FitState
 
 __all__ = ["LowRankProjectionCallback"]
 
-# Strategies that shard parameters: no process holds a whole weight matrix to project.
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
 # A projection that skipped no layer for one of these reasons leaves the weights exactly low rank.
 _EXACT_SKIPS = (None, "rank >= full rank", "all-zero layer")
 
@@ -58,13 +62,10 @@ class LowRankProjectionCallback(Callback):
     parameters of the two-thin-layer model) is logged, printed and written to
     ``<trainer.log_dir>/compression_report.json``.
 
-    - Planned, with the BatchNorm after each conv traced, during the first training step
-      (no extra forward pass). Epoch schedule: on the epoch's last batch, before validation
-      and checkpointing; step schedule: right after an optimizer step. Override
-      :meth:`should_project` for any other schedule.
-    - Logged: ``lrpet/projection_time_s``, ``lrpet/num_projections``,
-      ``lrpet/mean_kept_energy``, ``lrpet/mean_relative_change``, then
-      ``lrpet/flops_reduction`` and ``lrpet/params_reduction``.
+    - Epoch schedule: on the epoch's last batch, before validation and checkpointing; step
+      schedule: right after an optimizer step; or override :meth:`should_project`.
+    - Logged: ``lrpet/projection_time_s``, ``lrpet/num_projections``, ``lrpet/mean_kept_energy``,
+      ``lrpet/mean_relative_change``, ``lrpet/flops_reduction``, ``lrpet/params_reduction``.
     - A FLOPs or parameters budget instead of ``rank_ratio`` is solved once and its ranks
       frozen and checkpointed (docs/budgets.md). Checkpointed per ``state_key``: the
       counters, ``ranks`` (also :attr:`ranks`), ``budget_ranks``, ``decomposed_ranks``.
@@ -81,9 +82,7 @@ class LowRankProjectionCallback(Callback):
         target_params_reduction: the same for parameters (one budget at most).
         allocation: ``"uniform"`` or ``"spectrum"``: how the budget is shared by the layers
             (see :func:`lrpet_lightning.solve_ranks`). Ignored without a budget.
-        budget_warmup_epochs: epochs of training at full rank before a ``"spectrum"``
-            budget is solved (default 1: at the end of the first epoch with the epoch
-            schedule, at the first projection of the second epoch with the step schedule).
+        budget_warmup_epochs: epochs at full rank before a ``"spectrum"`` budget is solved.
         every_n_epochs: project at the end of every n-th training epoch (CIFAR recipe: 1).
             Default 1 unless ``every_n_train_steps`` is given.
         every_n_train_steps: project after every n-th optimizer step, counted on
@@ -91,15 +90,11 @@ class LowRankProjectionCallback(Callback):
         start: no scheduled projection before this epoch (epoch schedule, 0-based) or
             optimizer step (step schedule): a warm-up at full rank.
         stop: no scheduled projection from this epoch / step on (None: until the end).
-        final_projection: project once more when training ends, so the trained model is
-            exactly low rank: plain truncation (no energy transfer, ``residual_scale=0``),
-            the closest rank-r model (Eckart-Young); energy transfer only helps gradients
-            *during* training. Skipped when the last scheduled projection already ran after
-            the last optimizer step with ``residual_scale=0``.
+        final_projection: project once more when training ends, by plain truncation (the
+            closest rank-r model), so the trained model is exactly low rank; skipped when the
+            last scheduled projection already ran after the last optimizer step.
         decompose_on_fit_end: replace each projected layer by its two thin layers when
-            training ends. Checkpoints saved before (e.g. ``"best"``) hold dense weights;
-            they still load into the decomposed module, so ``trainer.test(ckpt_path="best")``
-            works.
+            training ends (dense checkpoints such as ``"best"`` still load into it).
         log_per_layer: also log each layer's kept energy and relative change.
         report: compute, print and save the compression report at fit end.
 
@@ -136,19 +131,8 @@ class LowRankProjectionCallback(Callback):
             target_params_reduction=target_params_reduction, allocation=allocation,
         )
         self.budget_warmup_epochs = check_int("budget_warmup_epochs", budget_warmup_epochs, 0)
-        if every_n_epochs is not None and every_n_train_steps is not None:
-            raise ValueError(
-                f"every_n_epochs={every_n_epochs!r} and every_n_train_steps="
-                f"{every_n_train_steps!r} are both set; choose one schedule"
-            )
-        every_n_epochs = check_int("every_n_epochs", every_n_epochs, 1, optional=True)
-        self.every_n_train_steps = check_int("every_n_train_steps", every_n_train_steps, 1,
-                                             optional=True)
-        self.every_n_epochs = every_n_epochs or (None if every_n_train_steps else 1)
-        self.start = check_int("start", start, 0)
-        self.stop = check_int("stop", stop, 1, optional=True)
-        if stop is not None and stop <= start:
-            raise ValueError(f"stop must be greater than start={start}, got {stop!r}")
+        self.every_n_epochs, self.every_n_train_steps, self.start, self.stop = check_schedule(
+            every_n_epochs, every_n_train_steps, start, stop)
         self.final_projection = check_bool("final_projection", final_projection)
         self.decompose_on_fit_end = check_bool("decompose_on_fit_end", decompose_on_fit_end)
         self.log_per_layer = check_bool("log_per_layer", log_per_layer)
@@ -220,7 +204,7 @@ class LowRankProjectionCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # "decomposed_ranks" is not read back: a load rebuilds the thin layers from the
-        # weights' shapes (_match_checkpoint), also in trainer.test, which restores no callback.
+        # weights' shapes (match_checkpoint), also in trainer.test, which restores no callback.
         self.num_projections = state_dict["num_projections"]
         self.last_projected_step = state_dict["last_projected_step"]
         self.last_projected_epoch = state_dict["last_projected_epoch"]
@@ -257,22 +241,14 @@ class LowRankProjectionCallback(Callback):
         # trainer.test(ckpt_path=...)): before any load, decompose the layers it holds as
         # thin pairs. The reverse needs nothing (a factorized layer splits a dense weight).
         if self._hooked is not pl_module:
-            pl_module.register_load_state_dict_pre_hook(_match_checkpoint)
+            pl_module.register_load_state_dict_pre_hook(match_checkpoint)
             self._hooked = pl_module
         if stage != "fit":
             return  # the rest only acts while fitting
         # Plan afresh in every fit: this one may train another model. (A resumed fit gets
         # its budget ranks back from the checkpoint, which is restored after setup.)
         self._fit = FitState()
-        # Match on the class hierarchy's names so subclasses of these strategies are refused
-        # too, without importing optional backends (deepspeed) just to check.
-        names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
-        if any(s in n for n in names for s in _UNSUPPORTED_STRATEGIES):
-            raise MisconfigurationException(
-                f"LowRankProjectionCallback does not support the {names[0]} strategy: it "
-                "shards parameters, so no process holds a whole weight matrix to project. Use "
-                "strategy='ddp' (or 'ddp_spawn', or a single device)."
-            )
+        refuse_sharded(trainer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -353,17 +329,9 @@ class LowRankProjectionCallback(Callback):
             self._project(trainer, pl_module, config=final, final=True)
         if self.report:
             self._write_report(trainer, pl_module)
-        if self.decompose_on_fit_end and _spawned(trainer):
-            # ddp_spawn/ddp_fork hand only a dense-shaped state dict back to the main process
-            # (loaded non-strictly): thin layers would be silently dropped there.
-            rank_zero_warn("LRPET: decompose_on_fit_end is skipped under ddp_spawn/ddp_fork "
-                           "(the main process only gets dense weights back); the weights are "
-                           "exactly low rank: call decompose_(model) after fit")
-        elif self.decompose_on_fit_end:
-            decomposed = decompose_(pl_module, ranks=fit.ranks,
-                                    include_linear=self.config.include_linear)
+        if self.decompose_on_fit_end and _decompose(trainer, pl_module, fit.ranks,
+                                                    self.config.include_linear):
             fit.plan = None  # the planned modules were replaced
-            rank_zero_info(f"LRPET: decomposed {len(decomposed)} layer(s) into thin pairs")
 
     # ------------------------------------------------------------------------ internals
     def _maybe_project_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -411,15 +379,8 @@ class LowRankProjectionCallback(Callback):
         self.num_projections += 1
         self.last_projected_step = trainer.global_step
         self.last_projected_epoch = trainer.current_epoch
-        metrics = {"lrpet/projection_time_s": seconds,
-                   "lrpet/num_projections": float(self.num_projections),
-                   **{f"lrpet/{k}": v for k, v in projection_summary(
-                       records, self.log_per_layer).items()}}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        if final:
-            done = sum(r.skipped is None for r in records)
-            rank_zero_info(f"LRPET: final projection of {done} layer(s) in {seconds:.2f} s")
+        log_projection(trainer, records, seconds, self.num_projections, self.log_per_layer,
+                        final)
 
     def _write_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: on every rank
@@ -434,23 +395,30 @@ class LowRankProjectionCallback(Callback):
             rank_zero_warn(f"LRPET: the compression report failed and is skipped: "
                            f"{type(err).__name__}: {err}")
             return
-        _publish_report(trainer, self.compression, log_dir)
+        publish_report(trainer, self.compression, log_dir)
 
 
-def _publish_report(trainer: pl.Trainer, report: CompressionReport, log_dir: str) -> None:
-    """Print and save the report (rank 0) and log its two reductions (every rank)."""
-    if trainer.is_global_zero:
-        rank_zero_info("LRPET compression report:\n" + report.format_table())
-        path = os.path.join(log_dir, "compression_report.json")
-        try:
-            report.save(path)
-        except OSError as err:  # a read-only log dir must not lose the decomposition
-            rank_zero_warn(f"LRPET: the compression report could not be written to {path}: "
-                           f"{type(err).__name__}: {err}")
-    for logger in trainer.loggers:
-        logger.log_metrics({"lrpet/flops_reduction": report.flops_reduction,
-                            "lrpet/params_reduction": report.params_reduction},
-                           step=trainer.global_step)
+
+
+def _decompose(trainer: pl.Trainer, pl_module: pl.LightningModule, ranks: Mapping[str, int],
+               include_linear: bool) -> bool:
+    """Decompose at fit end; whether it was done."""
+    if spawned(trainer):
+        # ddp_spawn/ddp_fork hand only a dense-shaped state dict back to the main process
+        # (loaded non-strictly): thin layers would be silently dropped there.
+        rank_zero_warn("LRPET: decompose_on_fit_end is skipped under ddp_spawn/ddp_fork "
+                       "(the main process only gets dense weights back); the weights are "
+                       "exactly low rank: call decompose_(model) after fit")
+        return False
+    decomposed = decompose_(pl_module, ranks=ranks, include_linear=include_linear)
+    rank_zero_info(f"LRPET: decomposed {len(decomposed)} layer(s) into thin pairs")
+    return True
+
+
+
+
+
+
 
 
 def _check_overlap(me: LowRankProjectionCallback, trainer: pl.Trainer,
@@ -466,17 +434,3 @@ def _check_overlap(me: LowRankProjectionCallback, trainer: pl.Trainer,
             f"two LowRankProjectionCallback instances target the same layers "
             f"({', '.join(shared[:4])}{', ...' if len(shared) > 4 else ''}); give them "
             "disjoint include/exclude patterns")
-
-
-def _spawned(trainer: pl.Trainer) -> bool:
-    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
-    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
-
-
-def _match_checkpoint(module: nn.Module, state_dict: Mapping[str, Any], prefix: str,
-                      *args: Any) -> None:
-    decomposed = match_architecture_(module, state_dict, prefix)
-    if decomposed:
-        rank_zero_info(f"LRPET: decomposed {len(decomposed)} layer(s) to load a checkpoint "
-                       "of a decomposed model")
