@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
 from lrpet_lightning.core.checks import check_bool, check_float, check_int
+from lrpet_lightning.core.inference import tensor_leaves
+from lrpet_lightning.core.trace import eval_mode
 
 __all__ = ["OnnxCheck", "OnnxMismatchError", "check_onnx", "export_onnx"]
 
@@ -75,12 +76,6 @@ def _as_args(example_inputs: Any) -> tuple[Tensor, ...]:
                     f"positional inputs), got {type(example_inputs).__name__}")
 
 
-def _outputs(output: Any) -> list[Tensor]:
-    if hasattr(output, "to_tuple"):  # Hugging Face ModelOutput
-        output = output.to_tuple()
-    return [t for t in tree_leaves(output) if isinstance(t, Tensor)]
-
-
 def _like(args: tuple[Tensor, ...], batch: int, seed: int) -> tuple[Tensor, ...]:
     """Random inputs of ``args``' shapes at batch size ``batch`` (integer inputs, e.g. token
     ids, are repeated from the example, not drawn: random ids may be out of range)."""
@@ -118,7 +113,7 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, inputs: list[tuple[Ten
                                  f"got {len(args)}")
             got = session.run(None, {n: a.detach().cpu().numpy()
                                      for n, a in zip(names, args, strict=True)})
-            want = _outputs(model(*args))
+            want = tensor_leaves(model(*args))
             if len(got) != len(want):
                 raise ValueError(f"{os.fspath(path)!r} returns {len(got)} outputs, the model "
                                  f"{len(want)}")
@@ -161,7 +156,7 @@ def export_onnx(
 
     Args:
         model: any ``nn.Module`` taking tensors, typically after ``decompose_``; exported in
-            eval mode (its mode is restored afterwards).
+            eval mode (each module's mode is restored afterwards).
         example_inputs: a tensor or a tuple of tensors (positional inputs), batch first.
         path: the ``.onnx`` file to write (its folder is created).
         opset: the ONNX opset; ``None``: the exporter's default.
@@ -192,17 +187,13 @@ def export_onnx(
     _needs("onnx")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    try:
-        model.eval()
+    with eval_mode(model):  # every module's own training flag comes back afterwards
         _export(model, args, path, opset, dynamic_batch)
         n = int(args[0].shape[0])
         inputs = [args, _like(args, n, seed=0)]
         if dynamic_batch:
             inputs.append(_like(args, 2 if n == 1 else 1, seed=1))
         result = check_onnx(path, model, inputs, rtol=rtol, atol=atol)
-    finally:
-        model.train(was_training)
     if not result.passed:
         rejected = path.with_name(path.name + ".mismatch")
         os.replace(path, rejected)

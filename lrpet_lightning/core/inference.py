@@ -30,7 +30,8 @@ from lrpet_lightning.core.factorized import FactorizedLayer
 from lrpet_lightning.core.trace import BNPairTracer, run_forward
 from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer
 
-__all__ = ["fold_batchnorms_", "output_error", "prepare_for_inference", "race", "use_faster_forms_"]
+__all__ = ["fold_batchnorms_", "output_error", "prepare_for_inference", "race", "tensor_leaves",
+           "use_faster_forms_"]
 
 
 def prepare_for_inference(
@@ -134,7 +135,8 @@ def prepare_for_inference(
 OUTPUT_RTOL = 1e-4
 
 
-def _tensor_leaves(output: Any) -> list[Tensor]:
+def tensor_leaves(output: Any) -> list[Tensor]:
+    """The tensors of a model output, in order (a Hugging Face ``ModelOutput`` as its tuple)."""
     if hasattr(output, "to_tuple"):  # Hugging Face ModelOutput
         output = output.to_tuple()
     return [t for t in tree_leaves(output) if isinstance(t, Tensor)]
@@ -143,7 +145,7 @@ def _tensor_leaves(output: Any) -> list[Tensor]:
 def output_error(output: Any, expected: Any) -> float:
     """Largest ``||a - b|| / ||b||`` over the tensors of two model outputs of one structure
     (``inf`` when the structures differ)."""
-    got, want = _tensor_leaves(output), _tensor_leaves(expected)
+    got, want = tensor_leaves(output), tensor_leaves(expected)
     if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want, strict=True)):
         return float("inf")
     worst = 0.0
