@@ -269,3 +269,16 @@ def test_no_bn_pair_warning_only_while_bn_rectification_is_asked_for(
     said = [str(w.message) for w in got]
     assert any("no conv feeds a BatchNorm" in m for m in said) == bn_rectification
     assert cb.num_projections == 1
+
+
+def test_first_sample_keeps_namedtuples() -> None:
+    # A namedtuple batch passed to the network: the input recorder's hook must not break it.
+    from collections import namedtuple
+
+    from lrpet_lightning.core.trace import first_sample
+
+    Pair = namedtuple("Pair", "image mask")
+    sample = first_sample(((Pair(torch.zeros(5, 3), torch.ones(5, 1)),), {}))
+    (pair,), kwargs = sample
+    assert isinstance(pair, Pair) and pair.image.shape == (1, 3) and pair.mask.shape == (1, 1)
+    assert kwargs == {}

@@ -228,6 +228,8 @@ def first_sample(inputs: Any) -> Any:
     """
     if isinstance(inputs, Tensor):
         return inputs[:1].detach().clone() if inputs.dim() > 0 else inputs.detach().clone()
+    if isinstance(inputs, tuple) and hasattr(inputs, "_fields"):  # a namedtuple
+        return type(inputs)(*(first_sample(x) for x in inputs))
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(first_sample(x) for x in inputs)
     if isinstance(inputs, Mapping):
