@@ -28,6 +28,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -782,3 +783,8 @@ def test_uninitialized_lazy_model() -> None:
     x = torch.randn(2, 3, 16, 16)
     _, _, problems = project_and_check(model, x, include_linear=True)
     assert not problems, "\n".join(problems)
+
+
+def test_readme_states_the_zoo_size() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"on {len(ZOO)} models built from configs" in readme

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lrpet_lightning.app.module import ImageClassifier
+from lrpet_lightning.app.protocol import PreProjectionEvaluator, apply_protocol
 from lrpet_lightning.app.results import RunProbe, objective_config
 from lrpet_lightning.app.rundir import (
     check_writable,
@@ -53,6 +54,8 @@ class Run:
     #: Where the callback writes its own compression_report.json (the logger's folder).
     callback_report: Path
     t0: float
+    #: The reference protocol's test before each projection (None: the standard protocol).
+    evaluator: PreProjectionEvaluator | None = None
     errors: list[dict[str, str]] = field(default_factory=list)
 
     @property
@@ -254,6 +257,7 @@ def build(cfg: DictConfig) -> Run:
     t0 = time.perf_counter()
     objective = objective_config(cfg)
     optim = optim_kwargs(cfg)
+    evaluator = apply_protocol(cfg)  # protocol=reference sets data.val_size=0
     data = data_config(cfg)  # before the run dir is claimed: a bad batch leaves no trace
     if cfg.data.get("global_batch_size") is not None:
         log.info("data.global_batch_size=%s over %d process(es): data.batch_size=%d per process",
@@ -275,8 +279,9 @@ def build(cfg: DictConfig) -> Run:
         raise type(err)(f"optim.{err}") from err
     probe = RunProbe()
     # The probe first: its on_train_end marks the training as over before the others'
-    # fit-end work (the callback's decomposition) can fail.
-    callbacks = [probe] + [hydra.utils.instantiate(c)
+    # fit-end work (the callback's decomposition) can fail. The reference protocol's
+    # evaluator before the LRPET callback: it tests the weights before each projection.
+    callbacks = [probe] + ([evaluator] if evaluator else []) + [hydra.utils.instantiate(c)
                            for c in (cfg.get("callbacks") or {}).values()
                            if c is not None and "_target_" in c]
     logger = instantiate_logger(cfg)
@@ -292,4 +297,5 @@ def build(cfg: DictConfig) -> Run:
         spectra_before = layer_spectra(net, spectra_layer_names(cfg, net))
     return Run(cfg=cfg, out=out, objective=objective, datamodule=datamodule, net=net,
                module=module, probe=probe, trainer=trainer, kept_metrics=kept_metrics,
-               spectra_before=spectra_before, callback_report=callback_report, t0=t0)
+               spectra_before=spectra_before, callback_report=callback_report, t0=t0,
+               evaluator=evaluator)

@@ -46,6 +46,10 @@ RESULT_KEYS: dict[str, str] = {
     "report": "path of the run dir's compression_report.json",
     "compact_model": "path of the saved compact model (compact_model_name)",
     "compression_plot": "path of compression_report.png",
+    "reference_protocol": "protocol=reference only: {best_test_acc, best_test_acc_top5, "
+                          "best_epoch, last_k, epochs_evaluated, test_acc_by_epoch, note}: "
+                          "the best test top-1 of the last last_k epochs, each measured "
+                          "before that epoch's projection; selected on the test split",
     "objective": "what a sweeper maximizes: metric - flops_penalty * max(0, "
                  "min_flops_reduction - flops_reduction) (with objective.metric set)",
 }

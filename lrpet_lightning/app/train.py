@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lrpet_lightning.app.build import Run, build, data_config
 from lrpet_lightning.app.compact import input_spec, load_compact_model
+from lrpet_lightning.app.protocol import protocol_results
 from lrpet_lightning.app.results import (
     count_compression,
     finished_results,
@@ -248,6 +249,8 @@ def write(run: Run, ev: Evaluation) -> dict[str, Any]:
                          layer_spectra(net, run.spectra_before))
         if plot is not None:
             results["compression_plot"] = str(plot)
+    if run.evaluator is not None:
+        results["reference_protocol"] = protocol_results(run.evaluator)
     if run.objective is not None:
         results["objective"] = objective_value(results, **run.objective)
     results["wall_time_s"] = time.perf_counter() - run.t0
