@@ -24,6 +24,7 @@ from lrpet_lightning.app.rundir import (
     keep_metrics_history,
     resumes_run_in,
 )
+from lrpet_lightning.app.variants import DecomposeAt, check_variant, decompose_thin_, rank_settings
 from lrpet_lightning.callback import LowRankProjectionCallback
 from lrpet_lightning.core.checks import check_int
 from lrpet_lightning.models import build_model
@@ -56,6 +57,10 @@ class Run:
     t0: float
     #: The reference protocol's test before each projection (None: the standard protocol).
     evaluator: PreProjectionEvaluator | None = None
+    #: ``variant.name``: lrpet, or a baseline (:mod:`~lrpet_lightning.app.variants`).
+    variant: str = "lrpet"
+    #: A baseline's rank settings: the LRPET callback it was configured with, not run.
+    rank_source: LowRankProjectionCallback | None = None
     errors: list[dict[str, str]] = field(default_factory=list)
 
     @property
@@ -258,6 +263,7 @@ def build(cfg: DictConfig) -> Run:
     objective = objective_config(cfg)
     optim = optim_kwargs(cfg)
     evaluator = apply_protocol(cfg)  # protocol=reference sets data.val_size=0
+    variant, finetune_epochs = check_variant(cfg, world_size(cfg.trainer))
     data = data_config(cfg)  # before the run dir is claimed: a bad batch leaves no trace
     if cfg.data.get("global_batch_size") is not None:
         log.info("data.global_batch_size=%s over %d process(es): data.batch_size=%d per process",
@@ -284,6 +290,19 @@ def build(cfg: DictConfig) -> Run:
     callbacks = [probe] + ([evaluator] if evaluator else []) + [hydra.utils.instantiate(c)
                            for c in (cfg.get("callbacks") or {}).values()
                            if c is not None and "_target_" in c]
+    rank_source = None
+    if variant != "lrpet":  # a baseline: the LRPET callback only lends its rank settings
+        rank_source = next((c for c in callbacks if isinstance(c, LowRankProjectionCallback)),
+                           None)
+        callbacks = [c for c in callbacks if c is not rank_source]
+        example = torch.zeros((2, *datamodule.example_input_shape[1:]))
+        if variant == "thin_init":
+            ranks = decompose_thin_(net, rank_settings(rank_source), example,
+                                    truncate_only=False)
+            log.info("variant=thin_init: %d layer(s) decomposed at initialization", len(ranks))
+        elif variant == "dense_finetune":
+            callbacks.append(DecomposeAt(net, cfg.trainer.max_epochs - finetune_epochs,
+                                         rank_settings(rank_source), example))
     logger = instantiate_logger(cfg)
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks,
                                                   logger=logger)
@@ -293,9 +312,10 @@ def build(cfg: DictConfig) -> Run:
     # The CSV logger deletes metrics.csv when it starts: keep each earlier launch's copy.
     kept_metrics = keep_metrics_history(logger, resuming) if rank0 else None
     spectra_before: dict[str, torch.Tensor] = {}
-    if cfg.get("plot_compression", False):  # the paper's figure 1: spectra before and after
+    # The paper's figure 1: spectra before and after (LRPET runs: a baseline has no callback).
+    if cfg.get("plot_compression", False) and variant == "lrpet":
         spectra_before = layer_spectra(net, spectra_layer_names(cfg, net))
     return Run(cfg=cfg, out=out, objective=objective, datamodule=datamodule, net=net,
                module=module, probe=probe, trainer=trainer, kept_metrics=kept_metrics,
                spectra_before=spectra_before, callback_report=callback_report, t0=t0,
-               evaluator=evaluator)
+               evaluator=evaluator, variant=variant, rank_source=rank_source)

@@ -22,6 +22,9 @@ RESULT_KEYS: dict[str, str] = {
               "training loss or weights stopped it; the metrics are the last finite "
               "ones); failed (a step at fit end failed, e.g. the decomposition); "
               "already_finished (a relaunch of a run whose training was over)",
+    "variant": "lrpet, or the baseline run at the same ranks and epochs: thin_init "
+               "(decomposed at initialization), dense_finetune (trained dense, truncated, "
+               "fine-tuned thin) or dense",
     "val_acc": "top-1 accuracy of the final (compact) model on the validation split",
     "test_acc": "top-1 accuracy of the final (compact) model on the test split "
                 "(None with test=false)",
@@ -54,7 +57,7 @@ RESULT_KEYS: dict[str, str] = {
                  "min_flops_reduction - flops_reduction) (with objective.metric set)",
 }
 #: Keys every results.json of lrpet-train holds; the others only where they apply.
-REQUIRED_KEYS = ("status", "val_acc", "test_acc", "test_acc_top5", "arch", "lrpet",
+REQUIRED_KEYS = ("status", "variant", "val_acc", "test_acc", "test_acc_top5", "arch", "lrpet",
                  "rank_ratio", "target_flops_reduction", "target_params_reduction",
                  "allocation", "flops_reduction", "params_reduction", "epochs",
                  "num_projections", "wall_time_s", "output_dir", "errors")

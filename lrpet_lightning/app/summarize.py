@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 
 from lrpet_lightning.app.schema import ACCURACY_METRICS
 
-__all__ = ["ACCURACY_METRICS", "Run", "load_runs", "main", "pareto_front", "summarize"]
+__all__ = ["ACCURACY_METRICS", "Run", "load_runs", "main", "pareto_front", "seed_table",
+           "summarize"]
 
 #: results.json values in every row, after the swept overrides (keys of RESULT_KEYS).
 _VALUE_COLUMNS = ("rank_ratio", "flops_reduction", "params_reduction", "val_acc", "test_acc",
@@ -50,6 +51,12 @@ class Run:
     lrpet: bool
     #: results.json keys whose value was NaN or inf: read as missing (None) in ``results``.
     non_finite: tuple[str, ...] = ()
+
+    @property
+    def compressed(self) -> bool:
+        """LRPET, or a baseline trained at its ranks (``variant`` thin_init or
+        dense_finetune): a point of the plot, not a dense line."""
+        return self.lrpet or self.results.get("variant") in ("thin_init", "dense_finetune")
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -150,7 +157,7 @@ def _rows(runs: list[Run], metric: str) -> tuple[list[str], list[dict[str, Any]]
     swept = _swept_keys(runs)
     extra = ["objective"] if any("objective" in run.results for run in runs) else []
     columns = ["run", *swept, "lrpet", *_VALUE_COLUMNS, *extra, "pareto"]
-    compressed = [run for run in runs if run.lrpet and _plottable(run, metric)]
+    compressed = [run for run in runs if run.compressed and _plottable(run, metric)]
     on_front = dict(zip((run.name for run in compressed), pareto_front(
         [(run.results["flops_reduction"], run.results[metric]) for run in compressed]),
         strict=True))
@@ -177,7 +184,7 @@ def _notes(runs: list[Run], metric: str) -> str:
     if bad:
         notes.append(f"{len(bad)} run(s) with NaN/inf values, read as missing: "
                      f"{', '.join(bad)}")
-    unplotted = [run.name for run in runs if run.lrpet and not _plottable(run, metric)]
+    unplotted = [run.name for run in runs if run.compressed and not _plottable(run, metric)]
     if unplotted:
         notes.append(f"{len(unplotted)} compressed run(s) without a finite {metric} and "
                      f"flops_reduction, left off the plot and the Pareto front: "
@@ -215,6 +222,38 @@ def _markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_table(runs: list[Run]) -> str:
+    """Mean ± standard deviation over seeds: one row per setting of the other swept keys
+    (``lrpet-train -m variant=lrpet,thin_init seed=0,1,2``). Empty without a swept ``seed``."""
+    swept = _swept_keys(runs)
+    if "seed" not in swept or len(runs) < 2:
+        return ""
+    others = [k for k in swept if k != "seed"]
+    groups: dict[tuple[str, ...], list[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run.overrides.get(k, "") for k in others), []).append(run)
+    metrics = [m for m in ("test_acc", "val_acc", "flops_reduction")
+               if any(_is_number(run.results.get(m)) for run in runs)]
+    headers = [*others, "seeds", *(_MD_HEADERS[m] for m in metrics)]
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join(["---"] * len(others) + ["---:"] * (1 + len(metrics))) + "|"]
+    for key, members in groups.items():
+        cells = [*(_cell(k, v) for k, v in zip(others, key, strict=True)), str(len(members))]
+        for m in metrics:
+            values = [run.results[m] for run in members if _is_number(run.results.get(m))]
+            if not values:
+                cells.append("-")
+                continue
+            mean = sum(values) / len(values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) \
+                if len(values) > 1 else 0.0
+            cells.append(f"{100 * mean:.2f} ± {100 * std:.2f} %"
+                         + (f" (n={len(values)})" if len(values) != len(members) else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return ("\nOver seeds (mean ± sample standard deviation):\n\n" + "\n".join(lines)
+            + "\n")
+
+
 def _label(row: dict[str, Any], swept: list[str]) -> str:
     """The point's label in the plot: its swept values, else its run name."""
     values = [f"{k.rsplit('.', 1)[-1]}={_cell(k, row[k])}" for k in swept if row[k] != ""]
@@ -245,7 +284,7 @@ def summarize(multirun_dir: str | Path, *, metric: str | None = None) -> str:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    table = _markdown(columns, rows) + _notes(runs, metric)
+    table = _markdown(columns, rows) + _notes(runs, metric) + seed_table(runs)
     unfinished = _unfinished(root)
     if unfinished:  # failed or still running: say so rather than drop them silently
         table += (f"\n{len(unfinished)} run(s) without results.json (unfinished or failed), "
@@ -259,10 +298,11 @@ def summarize(multirun_dir: str | Path, *, metric: str | None = None) -> str:
     swept = columns[1:columns.index("lrpet")]
     points = [{"label": _label(row, swept), "flops_reduction": row["flops_reduction"],
                "accuracy": row[metric], "pareto": row["pareto"]}
-              for row, run in zip(rows, runs, strict=True) if run.lrpet and _plottable(run, metric)]
+              for row, run in zip(rows, runs, strict=True)
+              if run.compressed and _plottable(run, metric)]
     baselines = [{"label": f"run {row['run']}", "accuracy": row[metric]}
                  for row, run in zip(rows, runs, strict=True)
-                 if not run.lrpet and _is_number(row[metric])]
+                 if not run.compressed and _is_number(row[metric])]
     if not points and not baselines:
         raise ValueError(f"no run under {str(root)!r} has a {metric} to plot; summary.csv "
                          f"and summary.md are written, pareto.png is not")

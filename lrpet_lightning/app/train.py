@@ -41,6 +41,7 @@ from lrpet_lightning.callback import LowRankProjectionCallback
 from lrpet_lightning.core.checkpoint import atomic_write, save_compact
 from lrpet_lightning.core.report import CompressionReport
 from lrpet_lightning.core.transforms import decompose_, decomposed_ranks
+from lrpet_lightning.models import build_model
 from lrpet_lightning.plots import layer_spectra, plot_compression
 
 __all__ = ["STATUSES", "config_dir", "evaluate", "fit", "load_compact_model", "main",
@@ -171,6 +172,12 @@ def evaluate(run: Run, status: str) -> Evaluation:
             # count it here rather than write a FLOPs reduction nobody measured.
             compression = run.guard("compression report", count_compression, dense, net,
                                     run.datamodule)
+    if usable and run.variant != "lrpet" and decomposed_ranks(net):  # a thin baseline
+        dense = build_model(run.cfg.model.arch, num_classes=run.datamodule.num_classes,
+                            in_channels=run.datamodule.in_channels,
+                            small_input=run.cfg.model.small_input)
+        compression = run.guard("compression report", count_compression, dense, net,
+                                run.datamodule)
     val: list[dict[str, float]] = [{}]
     test: list[dict[str, float]] = [{}]
     if usable:
@@ -188,21 +195,25 @@ def evaluate(run: Run, status: str) -> Evaluation:
 def _base_results(run: Run, ev: Evaluation) -> dict[str, Any]:
     """The keys every results.json holds (:data:`~lrpet_lightning.app.schema.REQUIRED_KEYS`)."""
     lrpet = run.lrpet
+    # The settings the compact model's ranks come from: the callback's, or a baseline's.
+    ranked = lrpet or (run.rank_source if run.variant in ("thin_init", "dense_finetune")
+                       else None)
     return {
         "status": ev.status,
+        "variant": run.variant,
         "val_acc": ev.val.get("val/acc"),
         "test_acc": ev.test.get("test/acc"),
         "test_acc_top5": ev.test.get("test/acc_top5"),
         "arch": run.cfg.model.arch,
         "lrpet": lrpet is not None,
-        "rank_ratio": lrpet.config.rank_ratio if lrpet else None,
-        "target_flops_reduction": lrpet.config.target_flops_reduction if lrpet else None,
-        "target_params_reduction": lrpet.config.target_params_reduction if lrpet else None,
-        "allocation": lrpet.config.allocation if lrpet and lrpet.config.budget else None,
-        # A dense baseline is uncompressed by construction (0.0); an LRPET run without a
-        # report did not measure it (None).
-        "flops_reduction": 0.0 if lrpet is None else None,
-        "params_reduction": 0.0 if lrpet is None else None,
+        "rank_ratio": ranked.config.rank_ratio if ranked else None,
+        "target_flops_reduction": ranked.config.target_flops_reduction if ranked else None,
+        "target_params_reduction": ranked.config.target_params_reduction if ranked else None,
+        "allocation": ranked.config.allocation if ranked and ranked.config.budget else None,
+        # A dense baseline is uncompressed by construction (0.0); a compressed run without
+        # a report did not measure it (None).
+        "flops_reduction": 0.0 if ranked is None else None,
+        "params_reduction": 0.0 if ranked is None else None,
         "epochs": run.trainer.current_epoch,
         "num_projections": lrpet.num_projections if lrpet else None,
         "wall_time_s": None,
