@@ -15,6 +15,9 @@ number of epochs, for several seeds, at two compression levels:
                    ``decompose_`` at the same ranks (plain truncated SVD) and fine-tune the
                    thin model for the remaining ft_share of the epochs (default 1/3; fine-tune
                    lr ``--ft-lr``, cosine). The dense phase is shared by both levels of a seed;
+- ``thin_init``    decomposed at initialization at the same ranks (random weights truncated
+                   with energy transfer: ``variant=thin_init`` of the app) and the thin model
+                   trained from scratch for all the epochs;
 - ``spectrum``     non-uniform ranks from a FLOPs budget (``allocation="spectrum"``,
                    ``target_flops_reduction`` = the uniform level's reduction), when
                    ``LowRankProjectionCallback`` accepts ``target_flops_reduction``.
@@ -41,7 +44,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import lightning as L
@@ -50,13 +53,15 @@ import torch
 from lrpet_lightning import LowRankProjectionCallback, compression_report, decompose_
 from lrpet_lightning.app.data import DigitsDataModule
 from lrpet_lightning.app.module import ImageClassifier
+from lrpet_lightning.app.variants import decompose_thin_
+from lrpet_lightning.core import LowRankConfig
 from lrpet_lightning.models import build_model
 
 ARCH = "resnet20"
 #: Compression levels: kept rank fraction -> FLOPs reduction for ResNet-20 at 16x16
 #: (compression_report): 0.20 -> 79.1 % (the paper's ResNet-56 setting), 0.08 -> 92.4 %.
 LEVELS = {"80": 0.20, "92": 0.08}
-VARIANTS = ("dense", "lrpet", "lrpet_no_et", "lrpet_no_bn", "svd_ft", "spectrum")
+VARIANTS = ("dense", "lrpet", "lrpet_no_et", "lrpet_no_bn", "svd_ft", "thin_init", "spectrum")
 _LRPET_FLAGS = {"lrpet": {}, "lrpet_no_et": {"energy_transfer": False},
                 "lrpet_no_bn": {"bn_rectification": False}}
 
@@ -149,6 +154,8 @@ def run_task(task: tuple[str, int, tuple[str, ...], Settings]) -> list[dict[str,
     if variant == "svd_ft":
         return _svd_finetune(seed, levels, s)
     (level,) = levels
+    if variant == "thin_init":
+        return [_thin_init(seed, level, s)]
     rank_ratio = LEVELS[level]
     if variant == "spectrum":
         image_size = dict(s.data)["image_size"]
@@ -164,6 +171,21 @@ def run_task(task: tuple[str, int, tuple[str, ...], Settings]) -> list[dict[str,
     report = callback.compression
     return [_record(variant, level, seed, acc, report.flops_reduction, report.params_reduction,
                     time.perf_counter() - t0)]
+
+
+def _thin_init(seed: int, level: str, s: Settings) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    net = _new_net(seed)
+    dense = copy.deepcopy(net)
+    image_size = dict(s.data)["image_size"]
+    x = torch.zeros(2, 1, image_size, image_size)
+    settings = {f.name: getattr(LowRankConfig(rank_ratio=LEVELS[level]), f.name)
+                for f in fields(LowRankConfig)}
+    decompose_thin_(net, settings, x, truncate_only=False)
+    report = compression_report(dense, net, x[:1])
+    acc = _fit_and_test(net, s, s.epochs)
+    return _record("thin_init", level, seed, acc, report.flops_reduction,
+                   report.params_reduction, time.perf_counter() - t0)
 
 
 def _svd_finetune(seed: int, levels: tuple[str, ...], s: Settings) -> list[dict[str, Any]]:

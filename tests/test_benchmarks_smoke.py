@@ -21,16 +21,18 @@ def _load():
 
 def test_accuracy_digits_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     bench = _load()
-    records = bench.main(["--variants", "lrpet", "svd_ft", "--seeds", "0", "--levels", "92",
-                          "--epochs", "2", "--limit-train-batches", "2", "--jobs", "1"])
-    assert sorted(r["variant"] for r in records) == ["lrpet", "svd_ft"]
+    records = bench.main(["--variants", "lrpet", "svd_ft", "thin_init", "--seeds", "0",
+                          "--levels", "92", "--epochs", "2", "--limit-train-batches", "2",
+                          "--jobs", "1"])
+    assert sorted(r["variant"] for r in records) == ["lrpet", "svd_ft", "thin_init"]
     for r in records:
         assert 0.0 <= r["test_acc"] <= 1.0
-        # Both variants end at the same ranks, hence the same FLOPs (rank_ratio 0.08: 92.4 %).
+        # All variants end at the same ranks, hence the same FLOPs (rank_ratio 0.08: 92.4 %).
         assert r["flops_reduction"] == pytest.approx(0.924, abs=0.005)
     table = capsys.readouterr().out
     assert "| ~92 % (rank_ratio 0.08) | lrpet |" in table
     assert "| ~92 % (rank_ratio 0.08) | svd_ft |" in table
+    assert "| ~92 % (rank_ratio 0.08) | thin_init |" in table
 
 
 def test_levels_give_the_documented_reductions() -> None:
