@@ -27,7 +27,8 @@ def _logits(model: nn.Module, in_channels: int, size: int) -> torch.Tensor:
 
 
 def test_available_models_lists_every_name() -> None:
-    assert available_models() == sorted(CIFAR_MODELS + TV_RESNETS + ["tv_mobilenet_v2"])
+    assert available_models() == sorted(CIFAR_MODELS + TV_RESNETS + ["tv_mobilenet_v2",
+                                                                      "resnet1d"])
 
 
 @pytest.mark.parametrize("name", CIFAR_MODELS)

@@ -1,5 +1,5 @@
-"""Build models by name: the CIFAR zoo in this package (ResNets, VGG-16-BN, GoogLeNet) plus a
-few torchvision models."""
+"""Build models by name: the CIFAR zoo in this package (ResNets, VGG-16-BN, GoogLeNet), a 1-D
+ResNet for sequences, plus a few torchvision models."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from lrpet_lightning.core.checks import check_bool, check_int
 
 from .cifar_resnet import resnet20, resnet32, resnet44, resnet56, resnet110
 from .googlenet import googlenet
+from .resnet1d import resnet1d
 from .vgg import vgg16_bn
 
 __all__ = ["available_models", "build_model"]
@@ -25,6 +26,8 @@ _CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet110": resnet110,
     "vgg16_bn": vgg16_bn,
     "googlenet": googlenet,
+    # (N, C, L) sequences, e.g. MNIST-1D's (N, 1, 40); same (num_classes, in_channels) builder.
+    "resnet1d": resnet1d,
 }
 
 # Registry name -> torchvision builder name.
@@ -97,7 +100,8 @@ def build_model(
     Args:
         name: one of :func:`available_models`.
         num_classes: size of the classifier output.
-        in_channels: channels of the input images (1 for grayscale).
+        in_channels: channels of the input images (1 for grayscale), or of the input
+            sequences for ``"resnet1d"``.
         small_input: torchvision ResNets only: use a 3x3 stride-1 stem and no max pool, for
             32x32-sized inputs. CIFAR-style models are built for small inputs already and
             ignore it.
