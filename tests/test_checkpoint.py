@@ -126,3 +126,30 @@ def test_optimizers_match_tells_a_decomposed_model_from_its_dense_optimizer() ->
     assert optimizers_match(model, [optimizer]) and optimizers_match(model, [])
     decompose_(model, rank_ratio=0.25)
     assert not optimizers_match(model, [optimizer])
+
+
+class _Versioned(nn.Module):
+    """A module that refuses a state dict without its version (as torchvision's MNASNet)."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2, got {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_compact_round_trip_keeps_module_versions(tmp_path) -> None:
+    model = _Versioned()
+    decompose_(model, rank_ratio=0.25)
+    save_compact(model, tmp_path / "c.pt")
+    loaded = load_compact(_Versioned(), tmp_path / "c.pt")
+    x = torch.randn(1, 8, 6, 6)
+    assert torch.equal(loaded(x), model(x))

@@ -347,3 +347,53 @@ def test_report_names_what_it_cannot_count() -> None:
         report = compression_report(dense, compact, x)
     assert not report.flops_fully_counted and set(report.uncounted) == {"rnn"}
     assert "FLOPs counted" in report.summary() and not report.to_dict()["flops_fully_counted"]
+
+
+@pytest.mark.parametrize("features", [12, 16])  # 16: the BN's size matches by accident
+def test_linear_pairs_with_a_batchnorm_only_on_its_feature_axis(features: int) -> None:
+    # Linear on (B, 16, 20) then BatchNorm1d(16): the BN normalizes positions, not the
+    # Linear's features, so it must not rectify the Linear's projection.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, features), nn.BatchNorm1d(16), nn.ReLU(),
+                          nn.Linear(features, 8)).eval()
+    records = project_low_rank_(model, rank_ratio=0.25, include_linear=True,
+                                example_inputs=torch.randn(2, 16, 20))
+    first = records[0]
+    assert first.skipped is None and not first.bn_rectified
+    assert torch.linalg.matrix_rank(model[0].weight.detach()) == first.rank
+    flat = nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16)).eval()  # (B, F): paired
+    (paired,) = project_low_rank_(flat, rank_ratio=0.25, include_linear=True,
+                                  example_inputs=torch.randn(4, 20))
+    assert paired.bn_rectified
+
+
+def _caught(fn, *args, **kwargs) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn(*args, **kwargs)
+    return [str(w.message) for w in caught]
+
+
+def test_decompose_warns_once_per_call() -> None:
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3, groups=4),
+                          nn.Conv2d(16, 8, 3))
+    (message,) = _caught(decompose_, model, rank_ratio=0.25)  # skipped + not rank r: one
+    assert "grouped conv" in message and "were not rank r" in message
+    (nothing,) = _caught(decompose_, nn.Sequential(nn.Conv2d(4, 4, 1)),
+                         rank_ratio=0.5)  # rank 2 of 4x4 saves nothing: kept dense
+    assert "was decomposed" in nothing
+
+
+def test_decompose_reading_ranks_off_the_weights_says_no_false_note() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    project_low_rank_(model, rank_ratio=0.25, bn_rectification=False)
+    messages = _caught(decompose_, model)
+    assert not any("nothing is compressed" in m for m in messages), messages
+
+
+def test_decompose_in_bfloat16_after_projection_does_not_warn() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3)).bfloat16()
+    project_low_rank_(model, rank_ratio=0.25, bn_rectification=False)
+    assert _caught(decompose_, model, rank_ratio=0.25) == []

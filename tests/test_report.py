@@ -155,3 +155,12 @@ def test_projection_summary_averages_the_projected_layers_only() -> None:
     per_layer = projection_summary(records, per_layer=True)
     assert per_layer["kept_energy/b"] == 0.7 and "kept_energy/c" not in per_layer
     assert projection_summary([]) == {"mean_kept_energy": 0.0, "mean_relative_change": 0.0}
+
+
+def test_a_parametrized_weight_is_counted_by_its_owner() -> None:
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), parametrizations.weight_norm(nn.Conv2d(16, 8, 3)))
+    x = torch.randn(1, 3, 12, 12)
+    report = compression_report(model, copy.deepcopy(model), x)
+    assert report.uncounted == {} and not report.uncounted_note()

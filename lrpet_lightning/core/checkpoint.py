@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,8 +68,12 @@ def save_compact(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
             f"model {type(model).__name__} has no factorized layer; call decompose_(model) first"
         )
     path = Path(path)
+    state = model.state_dict()
     payload = {"format": COMPACT_FORMAT, "ranks": ranks, "metadata": metadata,
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+               "state_dict": {k: v.detach().cpu() for k, v in state.items()},
+               # Each module's version (BatchNorm, MNASNet...): some refuse to load without it.
+               "state_metadata": {k: dict(v) for k, v in
+                                  getattr(state, "_metadata", {}).items()}}
     with atomic_write(path, "wb") as f:
         torch.save(payload, f)
     return path
@@ -131,5 +136,8 @@ def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"{path}: {key} has shape {tuple(value.shape)} but the rebuilt "
                 f"{type(model).__name__} expects {tuple(own[key].shape)}: another architecture?"
             )
+    state = OrderedDict(state)
+    if payload.get("state_metadata") is not None:  # files of older versions lack it
+        state._metadata = payload["state_metadata"]  # type: ignore[attr-defined]
     model.load_state_dict(state)
     return model

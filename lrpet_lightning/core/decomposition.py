@@ -7,7 +7,6 @@ makes a dense model's architecture match a compact checkpoint, ``recompose_`` un
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,6 +98,8 @@ def decompose_(
     check_float("rank_rtol", rank_rtol, low=0, high=1, low_open=True, high_open=True,
                 optional=True, meaning="singular values below rank_rtol * s_max do not count")
     plan = plan_layers(model, config, example_inputs)
+    if infer:  # planned at full rank only to be read off the weights: not a finding
+        plan.notes.pop("(all)", None)
     if infer and any(layer.module.weight.is_meta for layer in plan.layers):
         raise ValueError(
             f"decompose_ without rank_ratio, ranks or a budget reads each layer's rank off its "
@@ -128,24 +129,25 @@ def decompose_(
             continue
         if real:
             error = _relative_error(layer, thin, M)
-            if not error <= TRUNCATION_RTOL:
+            # Half precision rounds the thin factors by its own eps, whatever the ranks.
+            if not error <= max(TRUNCATION_RTOL, 4 * torch.finfo(M.dtype).eps):
                 changed.append(f"{layer.name} (rank {rank}: weight changed by "
                                f"{100 * error:.2g} %)")
         replacements.append((layer, thin))
     for layer, thin in replacements:  # all at once: never a half-decomposed model
         for name in layer.aliases or (layer.name,):
             model.set_submodule(name, thin)
-    plan.warn("decompose_")
+    # One warning per call: what was left dense, what truncation changed, and whether
+    # anything was decomposed at all.
     if changed:
-        warnings.warn(
-            f"decompose_: {len(changed)} layer(s) were not rank r, so truncating them changes "
-            f"the model's outputs (project with the same ranks first, e.g. train with "
+        plan.notes["(not rank r)"] = (
+            f"{len(changed)} layer(s) were not rank r, so truncating them changes the "
+            f"model's outputs (project with the same ranks first, e.g. train with "
             f"LowRankProjectionCallback): {', '.join(changed[:6])}"
-            + (f" and {len(changed) - 6} more" if len(changed) > 6 else ""),
-            UserWarning, stacklevel=2)
+            + (f" and {len(changed) - 6} more" if len(changed) > 6 else ""))
     if not replacements:
-        warnings.warn(f"decompose_: no layer of {type(model).__name__} was decomposed",
-                      UserWarning, stacklevel=2)
+        plan.notes["(nothing)"] = f"no layer of {type(model).__name__} was decomposed"
+    plan.warn("decompose_")
     return {layer.name: thin.rank for layer, thin in replacements}
 
 

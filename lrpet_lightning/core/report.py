@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from lrpet_lightning.core.factorized import FactorizedLayer
@@ -186,11 +187,13 @@ def _count(model: nn.Module, example_inputs: Any) -> tuple[dict[str, int], set[s
 def uncounted_modules(model: nn.Module, flops: dict[str, int], ran: set[str]) -> dict[str, int]:
     """``{name: parameters}`` of the modules that ran, hold a weight matrix of their own and
     were counted 0 FLOPs: ``torch.utils.flop_counter`` has no formula for their ops (CPU
-    LSTM/GRU kernels, fused attention fast paths). Embeddings are lookups, not FLOPs."""
+    LSTM/GRU kernels, fused attention fast paths). Embeddings are lookups, not FLOPs; a
+    parametrization's ``ParametrizationList`` (``weight_norm``...) holds the raw tensor of a
+    weight its owner uses, whose FLOPs the owner's count holds."""
     out = {}
     for name, module in model.named_modules():
-        if name not in ran or flops.get(name, 0) or isinstance(module, (nn.Embedding,
-                                                                        nn.EmbeddingBag)):
+        if name not in ran or flops.get(name, 0) or isinstance(module, (
+                nn.Embedding, nn.EmbeddingBag, parametrize.ParametrizationList)):
             continue
         own = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
         if own and not any(name.startswith(u + ".") for u in out):

@@ -142,7 +142,11 @@ class BNPairTracer:
 
     def _on_layer_output(self, module: nn.Module, args: Any, output: Any) -> None:
         self._active[id(module)] -= 1
-        if isinstance(output, Tensor):
+        # A BatchNorm normalizes dim 1: a conv's output channels (batched), but a Linear's
+        # (or HF Conv1D's) features only when its output is 2-D; on (B, L, F) a
+        # BatchNorm1d(L) normalizes positions. Only such outputs can pair with a BatchNorm.
+        conv = isinstance(module, nn.modules.conv._ConvNd)
+        if isinstance(output, Tensor) and (output.dim() >= 3 if conv else output.dim() == 2):
             self._outputs[id(output)] = (output, self._layer_names[id(module)], _version(output))
 
     def _make_bn_hook(self, bn_name: str):
