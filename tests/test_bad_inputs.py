@@ -110,7 +110,8 @@ PROJECT_CASES = [
                               (float("nan"), "nan", ValueError),
                               ("0", "'0' (str)", TypeError)]],
     _case({**PROJECT, "svd_method": "foo"}, ValueError,
-          r"svd_method must be one of 'exact', 'gram', 'gram32', 'randomized', got 'foo'$"),
+          r"svd_method must be one of 'exact', 'gram', 'gram32', 'randomized', 'subspace', "
+          r"got 'foo'$"),
     _case({**PROJECT, "energy_transfer": "yes"}, TypeError,
           r"energy_transfer must be True or False, got 'yes' \(str\)$"),
     _case({"rank_ratio": 0.5, "example_inputs": torch.randn(2, 5, 8, 8)}, ValueError,

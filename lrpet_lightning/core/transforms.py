@@ -215,8 +215,9 @@ def project_low_rank_(
         min_rank: smallest rank kept.
         svd_method: ``"gram"`` (default; float64 eigensolver on the Gram matrix — exact
             to round-off and about 3x faster than a full SVD on CPU), ``"gram32"`` (the
-            fast mode: the same in float32), ``"exact"`` (full ``torch.linalg.svd``) or
-            ``"randomized"``.
+            fast mode: the same in float32), ``"exact"`` (full ``torch.linalg.svd``),
+            ``"randomized"`` or ``"subspace"`` (top-r subspace iteration, certified by a
+            residual bound, else ``"gram"``; see ``linalg.subspace_triplets``).
         target_flops_reduction, target_params_reduction: a budget instead of
             ``rank_ratio`` — the fraction of FLOPs (needs ``example_inputs``) or parameters
             the decomposed model sheds, in (0, 1); the ranks are solved by
