@@ -397,3 +397,10 @@ def test_decompose_in_bfloat16_after_projection_does_not_warn() -> None:
     model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3)).bfloat16()
     project_low_rank_(model, rank_ratio=0.25, bn_rectification=False)
     assert _caught(decompose_, model, rank_ratio=0.25) == []
+
+
+def test_project_names_targeted_layers_it_leaves_as_they_are() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 1, 3), nn.Conv2d(1, 4, 1))
+    nn.init.zeros_(model[0].weight)
+    (message,) = _caught(project_low_rank_, model, rank_ratio=0.25, bn_rectification=False)
+    assert "0: all-zero layer" in message and "1: rank >= full rank" in message

@@ -257,5 +257,10 @@ def project_low_rank_(
             UserWarning, stacklevel=2,
         )
     plan = plan_layers(model, config, example_inputs)
+    records = project_layers_(plan.layers, config)
+    for record in records:  # left as they are, though targeted: said in the one warning
+        if record.skipped in ("all-zero layer", "rank >= full rank"):
+            plan.notes[record.name] = f"{record.skipped}: left as it is (rank " \
+                                      f"{record.rank} of {record.full_rank})"
     plan.warn("project_low_rank_")
-    return project_layers_(plan.layers, config)
+    return records
