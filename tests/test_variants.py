@@ -11,7 +11,7 @@ import torch
 from helpers import TINY_RUN, Tiny, compose, make_trainer
 
 from lrpet_lightning.app.train import train
-from lrpet_lightning.app.variants import DecomposeAt, check_variant
+from lrpet_lightning.app.variants import DecomposeAt, check_variant, decompose_thin_
 from lrpet_lightning.core.transforms import decomposed_ranks
 
 SETTINGS = dict(rank_ratio=0.25, ranks=None, energy_transfer=True, residual_scale=0.0,
@@ -26,9 +26,12 @@ def _run(tmp_path, *overrides: str) -> dict:
 
 def test_every_variant_at_the_same_ranks(tmp_path) -> None:
     found = {v: _run(tmp_path / v, "trainer.max_epochs=3", f"variant={v}")
-             for v in ("lrpet", "thin_init", "dense_finetune", "dense")}
+             for v in ("lrpet", "lrpet_thin", "thin_init", "dense_finetune", "dense")}
     assert {v: r["variant"] for v, r in found.items()} == {v: v for v in found}
     lrpet = found["lrpet"]
+    thin = found["lrpet_thin"]  # projected after epochs 0 and 1, thin in epoch 2
+    assert thin["lrpet"] is True and thin["num_projections"] == 2 and thin["errors"] == []
+    assert thin["flops_reduction"] == pytest.approx(lrpet["flops_reduction"])
     for name in ("thin_init", "dense_finetune"):
         results = found[name]
         assert results["status"] == "finished" and results["errors"] == []
@@ -73,7 +76,8 @@ def test_dense_finetune_decomposes_at_its_epoch_and_keeps_the_schedule() -> None
         def on_train_epoch_start(self, trainer, pl_module):
             lrs.append((trainer.current_epoch, _lrs(trainer), bool(decomposed_ranks(module.net))))
 
-    decompose = DecomposeAt(module.net, 2, SETTINGS, torch.zeros(2, 3, 8, 8))
+    decompose = DecomposeAt(module.net, 2, lambda _: decompose_thin_(
+        module.net, SETTINGS, torch.zeros(2, 3, 8, 8), truncate_only=True))
     trainer = make_trainer([decompose, Record()], max_epochs=4)
     trainer.fit(module)
     # StepLR(1, 0.5): lr 0.1 * 0.5**epoch, carried on over the rebuilt optimizer
@@ -109,9 +113,21 @@ def test_bad_variant_is_refused(overrides, error, match) -> None:
         check_variant(compose("trainer.max_epochs=3", *overrides), world_size=1)
 
 
-def test_dense_finetune_refuses_several_processes() -> None:
+@pytest.mark.parametrize("variant", ["dense_finetune", "lrpet_thin"])
+def test_a_mid_fit_decomposition_refuses_several_processes(variant: str) -> None:
     with pytest.raises(ValueError, match="one process"):
-        check_variant(compose("variant=dense_finetune"), world_size=2)
+        check_variant(compose(f"variant={variant}"), world_size=2)
+
+
+def test_lrpet_thin_is_exact_at_the_switch_and_resumes(tmp_path, recwarn) -> None:
+    first = _run(tmp_path, "trainer.max_epochs=3", "variant=lrpet_thin",
+                 "variant.finetune_epochs=1")
+    assert first["status"] == "finished" and first["num_projections"] == 2
+    assert not [w for w in recwarn if "not rank r" in str(w.message)]  # exact decomposition
+    again = _run(tmp_path, "trainer.max_epochs=4", "variant=lrpet_thin",
+                 "variant.finetune_epochs=2", "ckpt_path=last")
+    assert again["status"] == "finished" and again["epochs"] == 4
+    assert again["flops_reduction"] == pytest.approx(first["flops_reduction"])
 
 
 def _fake_run(root, name: str, overrides: list[str], **results) -> None:

@@ -24,7 +24,13 @@ from lrpet_lightning.app.rundir import (
     keep_metrics_history,
     resumes_run_in,
 )
-from lrpet_lightning.app.variants import DecomposeAt, check_variant, decompose_thin_, rank_settings
+from lrpet_lightning.app.variants import (
+    DecomposeAt,
+    check_variant,
+    decompose_thin_,
+    lrpet_then_thin,
+    rank_settings,
+)
 from lrpet_lightning.callback import LowRankProjectionCallback
 from lrpet_lightning.core.checks import check_int
 from lrpet_lightning.models import build_model
@@ -291,7 +297,11 @@ def build(cfg: DictConfig) -> Run:
                            for c in (cfg.get("callbacks") or {}).values()
                            if c is not None and "_target_" in c]
     rank_source = None
-    if variant != "lrpet":  # a baseline: the LRPET callback only lends its rank settings
+    if variant == "lrpet_thin":  # LRPET, then thin: the callback runs until the switch
+        lrpet = next(c for c in callbacks if isinstance(c, LowRankProjectionCallback))
+        callbacks.append(lrpet_then_thin(lrpet, cfg.trainer.max_epochs - finetune_epochs,
+                                         net))
+    elif variant != "lrpet":  # a baseline: the LRPET callback only lends its rank settings
         rank_source = next((c for c in callbacks if isinstance(c, LowRankProjectionCallback)),
                            None)
         callbacks = [c for c in callbacks if c is not rank_source]
@@ -301,8 +311,10 @@ def build(cfg: DictConfig) -> Run:
                                     truncate_only=False)
             log.info("variant=thin_init: %d layer(s) decomposed at initialization", len(ranks))
         elif variant == "dense_finetune":
-            callbacks.append(DecomposeAt(net, cfg.trainer.max_epochs - finetune_epochs,
-                                         rank_settings(rank_source), example))
+            settings = rank_settings(rank_source)
+            callbacks.append(DecomposeAt(
+                net, cfg.trainer.max_epochs - finetune_epochs,
+                lambda _: decompose_thin_(net, settings, example, truncate_only=True)))
     logger = instantiate_logger(cfg)
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks,
                                                   logger=logger)

@@ -10,6 +10,9 @@
   transfer, no BN rectification), decomposed, and fine-tuned thin for the remaining epochs.
   The optimizer is rebuilt for the thin layers and the learning-rate schedule carries on
   where it was, so every variant sees the same schedule. One process only.
+- ``lrpet_thin``: LRPET until epoch ``max_epochs - variant.finetune_epochs``, then
+  decomposed at the callback's ranks (exact: the weights were just projected) and trained
+  thin for the remaining epochs, like ``dense_finetune``'s second phase.
 - ``dense``: no compression (the same as ``callbacks.lrpet=null``).
 
 Every variant writes ``variant`` to ``results.json``; the compressed ones their measured
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,12 +36,13 @@ from lrpet_lightning.core.checks import check_choice, check_int
 from lrpet_lightning.core.decomposition import match_architecture_
 from lrpet_lightning.core.transforms import decompose_, decomposed_ranks, project_low_rank_
 
-__all__ = ["VARIANTS", "DecomposeAt", "check_variant", "decompose_thin_", "rank_settings"]
+__all__ = ["VARIANTS", "DecomposeAt", "check_variant", "decompose_thin_", "lrpet_then_thin",
+           "rank_settings"]
 
 log = logging.getLogger(__name__)
 
 #: Names ``variant.name`` accepts.
-VARIANTS = ("lrpet", "thin_init", "dense_finetune", "dense")
+VARIANTS = ("lrpet", "lrpet_thin", "thin_init", "dense_finetune", "dense")
 
 
 def check_variant(cfg: DictConfig, world_size: int) -> tuple[str, int | None]:
@@ -74,7 +79,7 @@ def check_variant(cfg: DictConfig, world_size: int) -> tuple[str, int | None]:
                          meaning=f"thin epochs after the dense ones, of trainer.max_epochs="
                                  f"{epochs}")
     if world_size > 1:
-        raise ValueError(f"variant=dense_finetune runs on one process (it swaps layers and "
+        raise ValueError(f"variant={name} runs on one process (it swaps layers and "
                          f"rebuilds the optimizer mid-fit), got {world_size} processes")
     return name, finetune
 
@@ -110,23 +115,23 @@ def decompose_thin_(net: torch.nn.Module, settings: dict[str, Any], example: tor
 
 
 class DecomposeAt(pl.Callback):
-    """``variant=dense_finetune``: at the start of epoch ``epoch``, truncate ``net`` by SVD,
-    decompose it, and rebuild the optimizer for the thin layers with the learning-rate
-    schedule carried on. A checkpoint of the thin model loads into the dense one (the
-    layers are split to match first)."""
+    """At the start of epoch ``epoch``, ``decompose(pl_module)`` splits ``net`` into thin
+    layers (``dense_finetune``: an SVD truncation; ``lrpet_thin``: the LRPET callback's
+    ranks, exact after its last projection), and the optimizer is rebuilt for the thin
+    layers with the learning-rate schedule carried on. A checkpoint of the thin model loads
+    into the dense one (the layers are split to match first)."""
 
-    def __init__(self, net: torch.nn.Module, epoch: int, settings: dict[str, Any],
-                 example: torch.Tensor) -> None:
-        self.net, self.epoch, self.settings, self.example = net, epoch, settings, example
+    def __init__(self, net: torch.nn.Module, epoch: int,
+                 decompose: Callable[[pl.LightningModule], dict[str, int]]) -> None:
+        self.net, self.epoch, self.decompose = net, epoch, decompose
         net._register_load_state_dict_pre_hook(_match_checkpoint, with_module=True)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch < self.epoch or decomposed_ranks(self.net):
             return
-        ranks = decompose_thin_(self.net, self.settings, self.example.to(
-            next(self.net.parameters()).device), truncate_only=True)
-        log.info("variant=dense_finetune: decomposed %d layer(s) at epoch %d; fine-tuning "
-                 "the thin model", len(ranks), trainer.current_epoch)
+        ranks = self.decompose(pl_module)
+        log.info("decomposed %d layer(s) at epoch %d; training the thin model from here",
+                 len(ranks), trainer.current_epoch)
         trainer.strategy.setup_optimizers(trainer)  # configure_optimizers on the thin model
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
             warnings.simplefilter("ignore", UserWarning)
@@ -135,6 +140,25 @@ class DecomposeAt(pl.Callback):
                     else trainer.global_step
                 for _ in range(steps):
                     config.scheduler.step()
+
+
+def lrpet_then_thin(lrpet: LowRankProjectionCallback, epoch: int,
+                    net: torch.nn.Module) -> DecomposeAt:
+    """``variant=lrpet_thin``: ``lrpet`` projects until ``epoch`` (its ``stop``), then the
+    returned callback decomposes at its ranks and the thin model trains on. The LRPET
+    callback's fit-end work (final projection, report, decomposition) is left to the app:
+    its layers are gone by then."""
+    lrpet.stop = epoch if lrpet.stop is None else min(lrpet.stop, epoch)
+    lrpet.final_projection = lrpet.report = lrpet.decompose_on_fit_end = False
+
+    def decompose(pl_module: pl.LightningModule) -> dict[str, int]:
+        ranks = lrpet.ranks
+        # Exact after an epoch-end projection; a step schedule may have stepped since.
+        project_low_rank_(pl_module, ranks=ranks, include=list(ranks), energy_transfer=False,
+                          bn_rectification=False, include_linear=lrpet.config.include_linear)
+        return decompose_(pl_module, ranks=ranks, include_linear=lrpet.config.include_linear)
+
+    return DecomposeAt(net, epoch, decompose)
 
 
 def _match_checkpoint(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str,
