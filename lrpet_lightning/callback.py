@@ -77,6 +77,9 @@ class LowRankProjectionCallback(Callback):
         ranks: ``{module-name pattern: ratio (float) or rank (int)}`` overrides.
         energy_transfer, residual_scale, bn_rectification, include_linear, include,
             exclude, min_rank, svd_method: as in :func:`lrpet_lightning.project_low_rank_`.
+        rank_multiple: round every rank from ``rank_ratio``, a float in ``ranks`` or a
+            budget to a multiple of it (8: faster kernels), or to the layer's full rank;
+            an int in ``ranks`` is kept as given (docs/budgets.md). Default 1: no rounding.
         target_flops_reduction: a FLOPs budget instead of ``rank_ratio`` (give
             ``rank_ratio=None``): the fraction of FLOPs the decomposed model sheds, in (0, 1).
         target_params_reduction: the same for parameters (one budget at most).
@@ -116,7 +119,7 @@ class LowRankProjectionCallback(Callback):
         exclude: str | Sequence[str] | None = None, min_rank: int = 1, svd_method: str = "gram",
         target_flops_reduction: float | None = None,
         target_params_reduction: float | None = None, allocation: str = "uniform",
-        budget_warmup_epochs: int = 1, every_n_epochs: int | None = None,
+        rank_multiple: int = 1, budget_warmup_epochs: int = 1, every_n_epochs: int | None = None,
         every_n_train_steps: int | None = None, start: int = 0, stop: int | None = None,
         final_projection: bool = True, decompose_on_fit_end: bool = False,
         log_per_layer: bool = False, report: bool = True,
@@ -129,6 +132,7 @@ class LowRankProjectionCallback(Callback):
             min_rank=min_rank, svd_method=svd_method,
             target_flops_reduction=target_flops_reduction,
             target_params_reduction=target_params_reduction, allocation=allocation,
+            rank_multiple=rank_multiple,
         )
         self.budget_warmup_epochs = check_int("budget_warmup_epochs", budget_warmup_epochs, 0)
         self.every_n_epochs, self.every_n_train_steps, self.start, self.stop = check_schedule(
@@ -179,6 +183,10 @@ class LowRankProjectionCallback(Callback):
             f"target_{self.config.budget[0]}_reduction": self.config.budget[1],
             "allocation": self.config.allocation,
         }
+        # Likewise rank_multiple only when it rounds: a budget's ranks restored under the
+        # same key would otherwise silently keep the other rounding.
+        if self.config.rank_multiple != 1:
+            budget["rank_multiple"] = self.config.rank_multiple
         return self._generate_state_key(
             rank_ratio=self.config.rank_ratio, ranks=self.config.ranks,
             include=self.config.include, exclude=self.config.exclude,

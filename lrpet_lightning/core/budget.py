@@ -29,6 +29,11 @@ Two allocations:
   trained 3.5 points worse on the digits.) The log gains fall with ``k`` and each layer's
   rank costs the same, so the greedy order is the best order.
 
+With ``rank_multiple`` (e.g. 8) both consider only the ranks ``rank_ratio`` could give:
+multiples of it, or a layer's full rank (``linalg.round_rank``); the spectrum steps go
+``rank_multiple`` ranks at a time. The solution then records the FLOPs reduction the same
+solver reaches without the rounding (``unrounded_flops_reduction``), the rounding's price.
+
 Both fill the budget from below: the achieved reduction is at least the target and, on
 models with more than a handful of layers, within a fraction of a point above it.
 """
@@ -47,7 +52,12 @@ from torch import Tensor, nn
 
 from lrpet_lightning.core.checks import check_bool
 from lrpet_lightning.core.config import LowRankConfig
-from lrpet_lightning.core.linalg import bn_scale, factorization_pays, rank_from_ratio
+from lrpet_lightning.core.linalg import (
+    bn_scale,
+    factorization_pays,
+    rank_from_ratio,
+    round_rank,
+)
 from lrpet_lightning.core.report import count_flops
 from lrpet_lightning.core.walk import TargetLayer
 
@@ -127,10 +137,15 @@ class RankSolution:
     flops_reduction: float | None
     params_reduction: float
     #: The common rank ratio of a uniform allocation (each layer keeps ``floor(rho * n)``
-    #: or one more); None for ``"spectrum"``.
+    #: or one more, each rounded by ``rank_multiple``); None for ``"spectrum"``.
     rank_ratio: float | None = None
     #: Energy fraction kept per layer (spectrum allocation only).
     kept_energy: dict[str, float] = field(default_factory=dict)
+    #: Every rank is a multiple of it or the layer's full rank (1: any rank).
+    rank_multiple: int = 1
+    #: With ``rank_multiple > 1``: the FLOPs reduction the same solver reaches with any
+    #: rank (``rank_multiple=1``), to set against :attr:`flops_reduction`; else None.
+    unrounded_flops_reduction: float | None = None
 
     @property
     def achieved(self) -> float:
@@ -140,9 +155,16 @@ class RankSolution:
 
     def summary(self) -> str:
         flops = "n/a" if self.flops_reduction is None else f"{100 * self.flops_reduction:.2f} %"
+        rounded = ""
+        if self.rank_multiple > 1:
+            rounded = f", ranks in multiples of {self.rank_multiple}"
+            if self.unrounded_flops_reduction is not None:
+                rounded += (f" (with any rank: FLOPs "
+                            f"{100 * self.unrounded_flops_reduction:.2f} % fewer)")
         return (f"{self.allocation} allocation for {100 * self.target:.1f} % fewer "
                 f"{'FLOPs' if self.metric == 'flops' else 'parameters'}: FLOPs {flops} fewer, "
-                f"params {100 * self.params_reduction:.2f} % fewer, {len(self.ranks)} layers")
+                f"params {100 * self.params_reduction:.2f} % fewer, {len(self.ranks)} layers"
+                f"{rounded}")
 
 
 # ---------------------------------------------------------------------------- costs
@@ -201,10 +223,25 @@ def _base_rank(cost: LayerBudgetCost, rank: int) -> int:
     return rank if cost.pays(rank) else cost.full_rank
 
 
+def _floor_rank(cost: LayerBudgetCost, min_rank: int, rank_multiple: int) -> int:
+    """The smallest rank a solver gives the layer: ``min_rank``, rounded as ``rank_ratio``
+    rounds it (a layer whose full rank is below ``rank_multiple`` keeps it)."""
+    low = min(min_rank, cost.full_rank)
+    return _base_rank(cost, round_rank(low, cost.full_rank, rank_multiple, min_rank))
+
+
+def _next_rank(cost: LayerBudgetCost, rank: int, rank_multiple: int) -> int:
+    """The next allowed rank above ``rank``: the next multiple of ``rank_multiple`` (1: one
+    more), else the full rank — also where that one would no longer pay (dense)."""
+    new = (rank // rank_multiple + 1) * rank_multiple
+    return new if new < cost.full_rank and cost.pays(new) else cost.full_rank
+
+
 def _uniform(costs: BudgetCosts, metric: str, target: float,
-             min_rank: int) -> tuple[list[int], float]:
+             min_rank: int, rank_multiple: int = 1) -> tuple[list[int], float]:
     def ranks_at(rho: float) -> list[int]:
-        return [_base_rank(c, rank_from_ratio(c.full_rank, rho, min_rank)) for c in costs.layers]
+        return [_base_rank(c, rank_from_ratio(c.full_rank, rho, min_rank, rank_multiple))
+                for c in costs.layers]
 
     def fits(ranks: list[int]) -> bool:
         return costs.reduction(metric, ranks) >= target
@@ -238,10 +275,10 @@ def _log_kept(tail: float) -> float:
 
 
 def _spectrum(costs: BudgetCosts, metric: str, target: float, min_rank: int,
-              energies: Sequence[Tensor]) -> list[int]:
+              energies: Sequence[Tensor], rank_multiple: int = 1) -> list[int]:
     dense = costs.dense_flops if metric == "flops" else costs.dense_params
     budget = (1.0 - target) * dense  # the decomposed model may cost at most this much
-    ranks = [_base_rank(c, min(min_rank, c.full_rank)) for c in costs.layers]
+    ranks = [_floor_rank(c, min_rank, rank_multiple) for c in costs.layers]
     used = costs.total(metric, ranks)
     # Cumulative energy: tail[i][r] = energy of singular values r, r+1, ... of layer i.
     tails = [torch.flip(torch.cumsum(e.flip(0), 0), (0,)).tolist() + [0.0] for e in energies]
@@ -251,8 +288,8 @@ def _spectrum(costs: BudgetCosts, metric: str, target: float, min_rank: int,
         cost, r = costs.layers[i], ranks[i]
         if r >= cost.full_rank:
             return
-        # The next step: one more rank, or — where one more would no longer pay — dense.
-        new = r + 1 if cost.pays(r + 1) else cost.full_rank
+        # The next step: one more rank (multiple), or — where it would not pay — dense.
+        new = _next_rank(cost, r, rank_multiple)
         gain = _log_kept(tails[i][new]) - _log_kept(tails[i][r])
         price = cost.cost(metric, new) - cost.cost(metric, r)
         ratio = math.inf if price <= 0 else gain / price
@@ -296,30 +333,41 @@ def solve_ranks_for_layers(
     if metric == "flops" and costs.dense_flops == 0:
         raise ValueError(f"{type(model).__name__} counts 0 FLOPs on example_inputs; "
                          "target_flops_reduction cannot be solved")
-    floor = [_base_rank(c, min(config.min_rank, c.full_rank)) for c in costs.layers]
+    multiple = config.rank_multiple
+    floor = [_floor_rank(c, config.min_rank, multiple) for c in costs.layers]
     best = costs.reduction(metric, floor)
     if best < target:
         name = "target_flops_reduction" if metric == "flops" else "target_params_reduction"
+        rounded = f" rounded to rank_multiple={multiple}" if multiple > 1 else ""
         raise ValueError(
             f"{name}={target!r} cannot be met: with every targeted layer at "
-            f"min_rank={config.min_rank} the model has {100 * best:.1f} % fewer "
+            f"min_rank={config.min_rank}{rounded} the model has {100 * best:.1f} % fewer "
             f"{'FLOPs' if metric == 'flops' else 'parameters'} (the untargeted layers keep "
             f"the rest); allowed: a target in (0, {math.floor(best * 1e4) / 1e4:.4f}]"
         )
     kept: dict[str, float] = {}
     rho = None
-    if config.allocation == "uniform":
-        ranks, rho = _uniform(costs, metric, target, config.min_rank)
-    else:
-        energies = layer_energies(layers, config.bn_rectification)
-        ranks = _spectrum(costs, metric, target, config.min_rank, energies)
+    energies = None if config.allocation == "uniform" else layer_energies(
+        layers, config.bn_rectification)
+
+    def solve(rank_multiple: int) -> tuple[list[int], float | None]:
+        if energies is None:
+            return _uniform(costs, metric, target, config.min_rank, rank_multiple)
+        return _spectrum(costs, metric, target, config.min_rank, energies, rank_multiple), None
+
+    ranks, rho = solve(multiple)
+    if energies is not None:
         kept = {c.name: float(e[:r].sum()) for c, e, r in zip(costs.layers, energies, ranks,
                                                                   strict=True)}
+    unrounded = None
+    if multiple > 1 and costs.dense_flops:  # the rounding's price, on the same cost model
+        unrounded = costs.reduction("flops", solve(1)[0])
     solution = RankSolution(
         ranks={c.name: r for c, r in zip(costs.layers, ranks, strict=True)},
         allocation=config.allocation, metric=metric, target=target,
         flops_reduction=costs.reduction("flops", ranks) if costs.dense_flops else None,
         params_reduction=costs.reduction("params", ranks), rank_ratio=rho, kept_energy=kept,
+        rank_multiple=multiple, unrounded_flops_reduction=unrounded,
     )
     if solution.achieved > target + TOLERANCE:
         warnings.warn(
@@ -341,6 +389,7 @@ def solve_ranks(
     exclude: str | Sequence[str] | None = None,
     min_rank: int = 1,
     bn_rectification: bool = True,
+    rank_multiple: int = 1,
 ) -> RankSolution:
     """The per-layer ranks that remove ``target_flops_reduction`` of ``model``'s FLOPs (or
     ``target_params_reduction`` of its parameters) once ``decompose_`` has run at them.
@@ -360,6 +409,8 @@ def solve_ranks(
             FLOP / parameter spent, from the layers' current weights).
         include_linear, include, exclude, min_rank: as in ``project_low_rank_``.
         bn_rectification: rectify the spectra by the following BatchNorm (spectrum only).
+        rank_multiple: solve over multiples of it only (and full ranks), e.g. 8 for
+            faster kernels; the solution also gives ``unrounded_flops_reduction``.
 
     Returns:
         A :class:`RankSolution`; ``solution.ranks`` goes to ``decompose_(model, ranks=...)``,
@@ -388,7 +439,7 @@ def solve_ranks(
         target_flops_reduction=target_flops_reduction,
         target_params_reduction=target_params_reduction, allocation=allocation,
         bn_rectification=bn_rectification, include_linear=include_linear, include=include,
-        exclude=exclude, min_rank=min_rank,
+        exclude=exclude, min_rank=min_rank, rank_multiple=rank_multiple,
     )
     from lrpet_lightning.core.plan import plan_layers
 

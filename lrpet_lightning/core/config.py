@@ -90,6 +90,12 @@ class LowRankConfig:
         include_linear: also target ``nn.Linear`` layers (convs are always targets).
         include, exclude: glob patterns on qualified module names.
         min_rank: smallest rank any layer keeps.
+        rank_multiple: round every kept rank to a multiple of it (8: vector widths run
+            faster), see ``linalg.round_rank``: the nearest multiple (ties up), at least
+            ``min_rank``; a layer may also keep its full rank (it stays dense), e.g. one
+            whose full rank is below ``rank_multiple``. Applies to ratios (``rank_ratio``,
+            float ``ranks``) and to the budget solvers; an int in ``ranks`` is an absolute
+            rank and is kept as given. 1 (default): no rounding.
         svd_method: ``"gram"`` (default), ``"gram32"`` (fast mode), ``"exact"`` or
             ``"randomized"``
             (see ``top_singular_triplets``).
@@ -113,6 +119,7 @@ class LowRankConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     min_rank: int = 1
+    rank_multiple: int = 1
     svd_method: str = "gram"
     target_flops_reduction: float | None = None
     target_params_reduction: float | None = None
@@ -139,6 +146,9 @@ class LowRankConfig:
         set_(self, "exclude", _check_patterns("exclude", self.exclude))
         set_(self, "min_rank", check_int("min_rank", self.min_rank, minimum=1,
                                          meaning="the smallest rank any layer keeps"))
+        set_(self, "rank_multiple", check_int(
+            "rank_multiple", self.rank_multiple, minimum=1,
+            meaning="every kept rank is rounded to a multiple of it; 1: no rounding"))
         check_choice("svd_method", self.svd_method, SVD_METHODS)
 
     def _check_budget(self) -> None:

@@ -50,6 +50,7 @@ def decompose_(
     target_params_reduction: float | None = None,
     allocation: str = "uniform",
     example_inputs: Any = None,
+    rank_multiple: int = 1,
 ) -> dict[str, int]:
     """Replace each targeted layer by its two thin layers, in place (docs/method.md).
 
@@ -73,7 +74,8 @@ def decompose_(
     decomposed model has that many fewer FLOPs / parameters (within a fraction of a point
     above), by ``allocation="uniform"`` (one rank ratio) or ``"spectrum"`` (from the current
     weights' spectra, BN-rectified when ``example_inputs`` is given); see
-    :func:`~lrpet_lightning.core.budget.solve_ranks`.
+    :func:`~lrpet_lightning.core.budget.solve_ranks`. ``rank_multiple`` rounds the ranks
+    from a ratio or a budget as in ``project_low_rank_`` (an int in ``ranks`` is kept).
 
     Returns:
         ``{module_name: rank}`` of the layers that were decomposed.
@@ -94,6 +96,7 @@ def decompose_(
         include=include, exclude=exclude, min_rank=min_rank,
         target_flops_reduction=target_flops_reduction,
         target_params_reduction=target_params_reduction, allocation=allocation,
+        rank_multiple=rank_multiple,
     )
     check_float("rank_rtol", rank_rtol, low=0, high=1, low_open=True, high_open=True,
                 optional=True, meaning="singular values below rank_rtol * s_max do not count")

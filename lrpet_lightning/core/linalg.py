@@ -45,6 +45,7 @@ __all__ = [
     "numerical_rank",
     "project_matrix",
     "rank_from_ratio",
+    "round_rank",
     "subspace_triplets",
     "top_singular_triplets",
     "weight_to_matrix",
@@ -86,10 +87,12 @@ def matrix_to_weight(matrix: Tensor, shape: torch.Size | tuple[int, ...]) -> Ten
 
 
 # --------------------------------------------------------------------------- ranks
-def rank_from_ratio(full_rank: int, rank_ratio: float, min_rank: int = 1) -> int:
+def rank_from_ratio(full_rank: int, rank_ratio: float, min_rank: int = 1,
+                    rank_multiple: int = 1) -> int:
     """Rank kept for a layer of full rank ``full_rank`` (docs/method.md).
 
-    ``r = max(min_rank, floor(rank_ratio * full_rank))``, never above ``full_rank``.
+    ``r = max(min_rank, floor(rank_ratio * full_rank))``, never above ``full_rank``, then
+    rounded by :func:`round_rank` to a multiple of ``rank_multiple`` (1: no rounding).
     The ``1e-9`` guards the floor against float error (``0.3 * 10 = 2.9999...``).
 
     Example:
@@ -97,9 +100,36 @@ def rank_from_ratio(full_rank: int, rank_ratio: float, min_rank: int = 1) -> int
         12
         >>> rank_from_ratio(10, 0.3)  # not 2: 0.3 * 10 is 2.9999... in floats
         3
+        >>> rank_from_ratio(256, 0.38, rank_multiple=8)  # 97 -> 96
+        96
     """
-    r = max(int(min_rank), math.floor(rank_ratio * full_rank + 1e-9))
-    return min(r, full_rank)
+    r = min(max(int(min_rank), math.floor(rank_ratio * full_rank + 1e-9)), full_rank)
+    return round_rank(r, full_rank, rank_multiple, min_rank)
+
+
+def round_rank(rank: int, full_rank: int, rank_multiple: int = 1, min_rank: int = 1) -> int:
+    """``rank`` rounded to the nearest allowed rank: a multiple of ``rank_multiple`` below
+    ``full_rank``, or ``full_rank`` itself (the layer stays dense, so it adds no new
+    width), and at least ``min(min_rank, full_rank)``. Ties round up (more rank kept).
+
+    So a layer whose full rank is below ``rank_multiple`` keeps its full rank, and one
+    whose full rank is not a multiple may round up to it when that is the nearest.
+
+    Example:
+        >>> [round_rank(r, 64, 8) for r in (1, 4, 11, 12, 61)]
+        [8, 8, 8, 16, 64]
+        >>> round_rank(3, 6, 8), round_rank(9, 20, 8), round_rank(19, 20, 8)
+        (6, 8, 20)
+    """
+    if rank_multiple <= 1 or rank >= full_rank:
+        return rank
+    low = max(min(int(min_rank), full_rank), 1)
+    below = max(rank // rank_multiple * rank_multiple, rank_multiple)  # a multiple <= rank
+    above = below + rank_multiple if below < rank else below
+    candidates = [c for c in (below, above) if c < full_rank] + [full_rank]
+    candidates = [c for c in candidates if c >= low] or [full_rank]
+    # the nearest; ties (and the floor at min_rank) go up
+    return min(candidates, key=lambda c: (abs(c - rank), -c))
 
 
 def factorization_pays(rows: int, cols: int, rank: int) -> bool:

@@ -193,6 +193,7 @@ def project_low_rank_(
     target_flops_reduction: float | None = None,
     target_params_reduction: float | None = None,
     allocation: str = "uniform",
+    rank_multiple: int = 1,
 ) -> list[LayerRecord]:
     """One LRPET projection of every targeted layer of ``model``, in place.
 
@@ -224,6 +225,9 @@ def project_low_rank_(
             :func:`~lrpet_lightning.core.budget.solve_ranks` on every call (for repeated
             projections solve once and pass ``ranks=solution.ranks``).
         allocation: ``"uniform"`` or ``"spectrum"``, how a budget is shared by the layers.
+        rank_multiple: round each rank from a ratio (or a budget) to a multiple of it, or
+            to the layer's full rank (``linalg.round_rank``; 8 suits vector widths); an
+            int in ``ranks`` is kept as given. 1: no rounding.
 
     Returns:
         One :class:`LayerRecord` per targeted layer.
@@ -248,6 +252,7 @@ def project_low_rank_(
         include_linear=include_linear, include=include, exclude=exclude,
         min_rank=min_rank, svd_method=svd_method, target_flops_reduction=target_flops_reduction,
         target_params_reduction=target_params_reduction, allocation=allocation,
+        rank_multiple=rank_multiple,
     )
     if bn_rectification and example_inputs is None:
         warnings.warn(

@@ -266,8 +266,9 @@ def select(model: nn.Module, config: LowRankConfig) -> Selection:
             continue
         n = full_rank_of(module)
         if isinstance(spec, float):
-            rank = rank_from_ratio(n, spec, config.min_rank)
-        else:
+            rank = rank_from_ratio(n, spec, config.min_rank, config.rank_multiple)
+        else:  # an absolute rank is kept as given (no rank_multiple rounding): e.g. the
+            # ranks solve_ranks or a checkpoint gives must rebuild exactly that architecture
             rank = min(max(spec, config.min_rank), n)
         layers.append(TargetLayer(name, module, rank, n, aliases=tuple(aliases[id(module)])))
     if not layers:
