@@ -4,6 +4,7 @@ exportable; the latency-aware swap and the fold's safety rules on hand-made case
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lrpet_lightning.core import FactorizedLayer, decompose_, decomposed_ranks, inference
+from lrpet_lightning.core.factorized import factorized_type
 from lrpet_lightning.core.inference import fold_batchnorms_, prepare_for_inference
 from lrpet_lightning.models import build_model
 
@@ -88,13 +90,153 @@ def test_latency_aware_false_keeps_every_factorized_layer(case) -> None:
     assert decomposed_ranks(prepared) == decomposed_ranks(model)
 
 
+def _fake_timer(layer_time, model_time=None):
+    """A stand-in for ``inference.time_rounds`` (timing is noisy): each candidate — a layer
+    form called on its activation, or a whole model run by ``run_forward`` — takes the time
+    the given cost functions say, in every round. A whole model costs, by default, the sum
+    of its layers' times."""
+    def whole(model: nn.Module) -> float:
+        total, factorized = 0.0, []
+        for name, m in model.named_modules():
+            if any(name.startswith(f + ".") for f in factorized):
+                continue  # a thin conv of a factorized layer: counted with its layer
+            if isinstance(m, FactorizedLayer):
+                factorized.append(name)
+            if isinstance(m, FactorizedLayer) or type(m) is nn.Conv2d:
+                total += layer_time(m)
+        return total
+
+    def time_rounds(fns, repeats):
+        times = []
+        for fn in fns:
+            if fn.func is inference.run_forward:
+                t = (model_time or whole)(fn.args[0])
+            else:
+                t = layer_time(fn.func)
+            times.append([t] * repeats)
+        return times
+
+    return time_rounds
+
+
+def _form_time(module: nn.Module, *, factorized: float, padded: float, dense: float) -> float:
+    if not isinstance(module, FactorizedLayer):
+        return dense
+    return padded if module.rank % inference.RANK_MULTIPLE == 0 else factorized
+
+
 def test_layers_made_dense_when_dense_is_faster(case, monkeypatch) -> None:
-    # Timing is noisy: pretend the dense form (each layer's second candidate) always wins.
     model, x = case
-    monkeypatch.setattr(inference, "race", lambda fns, repeats: [1.0, 0.5] * (len(fns) // 2))
+    cost = partial(_form_time, factorized=1.0, padded=0.8, dense=0.5)
+    monkeypatch.setattr(inference, "time_rounds", _fake_timer(cost))
     prepared = prepare_for_inference(model, x, channels_last=True)
     assert decomposed_ranks(prepared) == {}
     _assert_same_outputs(prepared, model, x)
+
+
+def test_ranks_padded_to_a_multiple_when_that_is_faster(case, monkeypatch) -> None:
+    model, x = case
+    assert any(r % inference.RANK_MULTIPLE for r in decomposed_ranks(model).values())
+    cost = partial(_form_time, factorized=1.0, padded=0.8, dense=2.0)
+    monkeypatch.setattr(inference, "time_rounds", _fake_timer(cost))
+    prepared = prepare_for_inference(model, x, channels_last=True)
+    ranks = decomposed_ranks(prepared)
+    assert ranks.keys() == decomposed_ranks(model).keys()
+    assert all(r % inference.RANK_MULTIPLE == 0 for r in ranks.values())
+    _assert_same_outputs(prepared, model, x)
+
+
+@pytest.mark.parametrize("fastest", ["factorized", "dense"])
+def test_whole_model_check_overrules_the_layer_choices(case, monkeypatch, fastest) -> None:
+    # The layers say "mix": dense wins where in and out widths agree. The whole-model race says a
+    # uniform form is faster (as under load, where the per-layer times mislead).
+    model, x = case
+
+    def layer_time(module: nn.Module) -> float:
+        if isinstance(module, FactorizedLayer):
+            return 1.0
+        return 0.5 if module.weight.shape[0] == module.weight.shape[1] else 2.0
+
+    def model_time(m: nn.Module) -> float:
+        n_factorized = len(decomposed_ranks(m))
+        if fastest == "factorized":
+            return 1.0 if n_factorized == len(decomposed_ranks(model)) else 2.0
+        return 1.0 if n_factorized == 0 else 2.0
+
+    monkeypatch.setattr(inference, "time_rounds", _fake_timer(layer_time, model_time))
+    prepared = prepare_for_inference(model, x, channels_last=True)
+    expected = decomposed_ranks(model) if fastest == "factorized" else {}
+    assert decomposed_ranks(prepared) == expected
+    _assert_same_outputs(prepared, model, x)
+
+
+def test_whole_model_check_keeps_the_mix_when_it_is_fastest(case, monkeypatch) -> None:
+    model, x = case
+
+    def layer_time(module: nn.Module) -> float:
+        if isinstance(module, FactorizedLayer):
+            return 1.0
+        return 0.5 if module.weight.shape[0] == module.weight.shape[1] else 2.0
+
+    monkeypatch.setattr(inference, "time_rounds", _fake_timer(layer_time))
+    prepared = prepare_for_inference(model, x, channels_last=True)
+    ranks = decomposed_ranks(prepared)
+    assert 0 < len(ranks) < len(decomposed_ranks(model))
+    _assert_same_outputs(prepared, model, x)
+
+
+def test_a_form_barely_faster_than_the_factorized_one_is_not_taken(case, monkeypatch) -> None:
+    model, x = case
+    margin = inference.FASTER_MARGIN
+    cost = partial(_form_time, factorized=1.0, padded=1 - margin / 2, dense=1 - margin / 2)
+    monkeypatch.setattr(inference, "time_rounds", _fake_timer(cost))
+    prepared = prepare_for_inference(model, x, channels_last=True)
+    assert decomposed_ranks(prepared) == decomposed_ranks(model)
+
+
+@pytest.mark.parametrize(("times", "taken"), [
+    ([0.5, 0.5, 0.5], True),
+    ([0.5, 0.5, 5.0], True),   # one disturbed round: the median and the best still agree
+    ([0.5, 5.0, 5.0], False),  # faster once (the best-of), not in the median
+    ([0.97, 0.97, 0.97], False),  # within the margin
+])
+def test_clearly_faster_needs_the_median_and_the_best_of(times, taken) -> None:
+    reference = [1.0, 1.0, 1.0]
+    assert (inference._fastest([reference, times]) == 1) == taken
+
+
+def test_time_rounds_interleaves_the_candidates() -> None:
+    calls: list[str] = []
+    times = inference.time_rounds([lambda: calls.append("a"), lambda: calls.append("b")], 3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then 3 timed ones
+    assert [len(t) for t in times] == [3, 3]
+
+
+def test_median_ratio_ignores_one_disturbed_round() -> None:
+    # Round 2 of the candidate was hit by load: the median pairs it away.
+    assert inference.median_ratio([1.0, 50.0, 1.1], [2.0, 2.0, 2.0]) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(6, 12, 3, padding=1), nn.Conv2d(6, 12, 1, bias=False),
+    nn.Conv2d(6, 12, 3, stride=2, dilation=2, padding=2), nn.Conv1d(6, 12, 3),
+    nn.Linear(6, 12), nn.Linear(6, 12, bias=False),
+], ids=["conv3x3", "conv1x1-nobias", "strided-dilated", "conv1d", "linear", "linear-nobias"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pad_rank_is_exact(layer, channels_last) -> None:
+    torch.manual_seed(0)
+    factorized = factorized_type(layer).from_dense(layer, 3)
+    padded = inference.pad_rank(factorized, 8)
+    assert padded.rank == 8 and type(padded) is type(factorized)
+    x = torch.randn(2, 6, 9, 9) if isinstance(layer, nn.Conv2d) else (
+        torch.randn(2, 6, 9) if isinstance(layer, nn.Conv1d) else torch.randn(2, 6))
+    if channels_last and x.dim() == 4:
+        padded.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x), factorized(x))
+        torch.testing.assert_close(padded.dense_weight(), factorized.dense_weight())
+    assert inference.pad_rank(padded, 8).rank == 8  # already a multiple: unchanged rank
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")

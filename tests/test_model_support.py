@@ -404,3 +404,17 @@ def test_project_names_targeted_layers_it_leaves_as_they_are() -> None:
     nn.init.zeros_(model[0].weight)
     (message,) = _caught(project_low_rank_, model, rank_ratio=0.25, bn_rectification=False)
     assert "0: all-zero layer" in message and "1: rank >= full rank" in message
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prepare_for_inference_folds_half_precision_models(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 3)).eval()
+    model[1].running_var.uniform_(0.5, 2.0)
+    model[1].running_mean.normal_()
+    model = model.to(dtype)
+    x = torch.randn(2, 3, 12, 12, dtype=dtype)
+    assert _caught(prepare_for_inference, model, x, latency_aware=False) == []
+    prepared = prepare_for_inference(model, x, latency_aware=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())  # folded

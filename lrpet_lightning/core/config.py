@@ -96,8 +96,8 @@ class LowRankConfig:
             whose full rank is below ``rank_multiple``. Applies to ratios (``rank_ratio``,
             float ``ranks``) and to the budget solvers; an int in ``ranks`` is an absolute
             rank and is kept as given. 1 (default): no rounding.
-        svd_method: ``"gram"`` (default), ``"gram32"`` (fast mode), ``"exact"`` or
-            ``"randomized"``
+        svd_method: ``"gram"`` (default), ``"gram32"`` (fast mode), ``"exact"``,
+            ``"randomized"`` or ``"subspace"`` (top-r, certified, else ``"gram"``)
             (see ``top_singular_triplets``).
         target_flops_reduction: a FLOPs budget instead of ``rank_ratio``: the fraction of
             the model's FLOPs to remove, in (0, 1); the ranks are solved for it
