@@ -270,6 +270,8 @@ def build(cfg: DictConfig) -> Run:
     optim = optim_kwargs(cfg)
     evaluator = apply_protocol(cfg)  # protocol=reference sets data.val_size=0
     variant, finetune_epochs = check_variant(cfg, world_size(cfg.trainer))
+    check_int("bn_recalibration", cfg.get("bn_recalibration", 0), minimum=0,
+              meaning="training batches to recompute BatchNorm statistics on; 0: off")
     data = data_config(cfg)  # before the run dir is claimed: a bad batch leaves no trace
     if cfg.data.get("global_batch_size") is not None:
         log.info("data.global_batch_size=%s over %d process(es): data.batch_size=%d per process",

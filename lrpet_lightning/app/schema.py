@@ -53,6 +53,9 @@ RESULT_KEYS: dict[str, str] = {
                           "best_epoch, last_k, epochs_evaluated, test_acc_by_epoch, note}: "
                           "the best test top-1 of the last last_k epochs, each measured "
                           "before that epoch's projection; selected on the test split",
+    "bn_recalibration_batches": "bn_recalibration > 0 only: the training batches the final "
+                                "model's BatchNorm statistics were recomputed on (the "
+                                "scores and the compact model are after it)",
     "objective": "what a sweeper maximizes: metric - flops_penalty * max(0, "
                  "min_flops_reduction - flops_reduction) (with objective.metric set)",
 }

@@ -38,6 +38,7 @@ from lrpet_lightning.app.rundir import check_compact_model_name, check_writable,
 from lrpet_lightning.app.schema import STATUSES
 from lrpet_lightning.app.spawn import check_strategy, spawns_here, train_spawned
 from lrpet_lightning.callback import LowRankProjectionCallback
+from lrpet_lightning.core.batchnorm import recalibrate_batchnorms_
 from lrpet_lightning.core.checkpoint import atomic_write, save_compact
 from lrpet_lightning.core.report import CompressionReport
 from lrpet_lightning.core.transforms import decompose_, decomposed_ranks
@@ -45,7 +46,7 @@ from lrpet_lightning.models import build_model
 from lrpet_lightning.plots import layer_spectra, plot_compression
 
 __all__ = ["STATUSES", "config_dir", "evaluate", "fit", "load_compact_model", "main",
-           "train", "write"]
+           "recalibrate_bn", "train", "write"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Evaluation:
     compression: CompressionReport | None
     val: dict[str, float]
     test: dict[str, float]
+    bn_batches: int | None = None  # batches the BatchNorm statistics were recomputed on
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -178,6 +180,11 @@ def evaluate(run: Run, status: str) -> Evaluation:
                             small_input=run.cfg.model.small_input)
         compression = run.guard("compression report", count_compression, dense, net,
                                 run.datamodule)
+    bn_batches = None
+    if usable and run.cfg.get("bn_recalibration", 0):
+        bn_batches = run.guard("BatchNorm recalibration", recalibrate_bn, net, run.datamodule,
+                               run.cfg.bn_recalibration, run.cfg.seed,
+                               run.trainer.strategy.root_device)
     val: list[dict[str, float]] = [{}]
     test: list[dict[str, float]] = [{}]
     if usable:
@@ -189,7 +196,43 @@ def evaluate(run: Run, status: str) -> Evaluation:
     if status == "diverged" or not usable:  # the last finite metrics, not NaN weights' scores
         val = [{"val/acc": run.probe.last_val.get("val/acc")}]
     return Evaluation(status=status, usable=usable, compression=compression, val=val[0],
-                      test=test[0])
+                      test=test[0], bn_batches=bn_batches)
+
+
+def recalibrate_bn(net: torch.nn.Module, datamodule: Any, batches: int, seed: int,
+                   device: torch.device | str | None = None) -> int:
+    """Recompute ``net``'s BatchNorm statistics on ``batches`` batches of training inputs.
+
+    The app's ``bn_recalibration`` step (and ``benchmarks/bn_recalibration.py``'s). After the
+    last projection the running statistics still describe the weights before it (no forward
+    pass follows a projection), so a rarely-projecting or highly compressing run scores
+    below what its weights can do. The batches are ``datamodule.train_set`` with its
+    training transforms, of ``datamodule.batch_size``, shuffled and transformed from
+    ``seed`` alone (the same batches on every process: every rank ends with the same
+    model); they run on ``device`` (None: where ``net`` is), and ``net`` is left where it
+    was. Returns the batches used.
+    """
+    if datamodule.train_set is None:
+        datamodule.setup("fit")
+    loader = torch.utils.data.DataLoader(
+        datamodule.train_set, batch_size=datamodule.batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(int(seed)),
+        num_workers=getattr(datamodule, "num_workers", 0))
+    home = next(net.parameters()).device
+    device = torch.device(device) if device is not None else home
+    net.to(device)
+    # Random training transforms draw from torch's generator: seeded here too, and the
+    # training's random state left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        try:
+            used = recalibrate_batchnorms_(net, (batch[0].to(device) for batch in loader),
+                                           batches)
+        finally:
+            net.to(home)
+    log.info("BatchNorm statistics recomputed on %d training batch(es) of %d", used,
+             datamodule.batch_size)
+    return used
 
 
 def _base_results(run: Run, ev: Evaluation) -> dict[str, Any]:
@@ -231,6 +274,8 @@ def write(run: Run, ev: Evaluation) -> dict[str, Any]:
     out, cfg, trainer, net = run.out, run.cfg, run.trainer, run.net
     rank0 = trainer.is_global_zero
     results = _base_results(run, ev)
+    if ev.bn_batches is not None:
+        results["bn_recalibration_batches"] = ev.bn_batches
     if run.module.diverged_at is not None:
         results["diverged_at"] = run.module.diverged_at
         results["last_finite_val"] = run.probe.last_val or None

@@ -8,6 +8,7 @@ public in their submodules.
 
 from __future__ import annotations
 
+from lrpet_lightning.core.batchnorm import recalibrate_batchnorms_
 from lrpet_lightning.core.budget import RankSolution, solve_ranks
 from lrpet_lightning.core.checkpoint import load_compact, save_compact
 from lrpet_lightning.core.config import LowRankConfig
@@ -39,6 +40,7 @@ __all__ = [
     "match_architecture_",
     "prepare_for_inference",
     "project_low_rank_",
+    "recalibrate_batchnorms_",
     "recompose_",
     "save_compact",
     "solve_ranks",

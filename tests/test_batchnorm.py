@@ -1,0 +1,115 @@
+"""recalibrate_batchnorms_ and the app's bn_recalibration: BatchNorm statistics recomputed
+for the final weights (the last projection leaves them describing the weights before it)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from helpers import compose
+from torch import nn
+
+from lrpet_lightning import project_low_rank_, recalibrate_batchnorms_
+from lrpet_lightning.app.train import train
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout(0.5), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4, momentum=0.3))
+
+
+def test_statistics_are_the_average_over_the_batches_of_the_final_weights() -> None:
+    net = _net()
+    batches = [torch.randn(6, 3, 9, 9) for _ in range(4)]
+    project_low_rank_(net, rank_ratio=0.5, bn_rectification=False)  # statistics untouched
+    used = recalibrate_batchnorms_(net, iter(batches), max_batches=3)
+    assert used == 3
+    # What the first BatchNorm sees: the conv's output (dropout off: everything but the
+    # BatchNorms is in eval mode). momentum=None averages the per-batch statistics.
+    feats = [net[0](x) for x in batches[:3]]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.transpose(0, 1).flatten(1).var(1) for f in feats]).mean(0)
+    torch.testing.assert_close(net[2].running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net[2].running_var, var, rtol=1e-5, atol=1e-6)
+    assert int(net[2].num_batches_tracked) == 3
+
+
+def test_modes_momentum_and_weights_are_restored() -> None:
+    net = _net().train()
+    net[1].eval()  # a mixed state must come back as it was
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k
+               and "num_batches" not in k}
+    recalibrate_batchnorms_(net, [torch.randn(2, 3, 9, 9)], max_batches=5)
+    assert [m.training for m in net] == [True, False, True, True, True, True]
+    assert net[2].momentum == 0.1 and net[5].momentum == 0.3
+    for key, value in weights.items():
+        assert torch.equal(net.state_dict()[key], value), key
+
+
+def test_no_batches_keeps_the_old_statistics_and_no_batchnorm_returns_zero() -> None:
+    net = _net()
+    net(torch.randn(4, 3, 9, 9))
+    before = net[2].running_mean.clone(), int(net[2].num_batches_tracked)
+    assert recalibrate_batchnorms_(net, [], max_batches=2) == 0
+    assert torch.equal(net[2].running_mean, before[0])
+    assert int(net[2].num_batches_tracked) == before[1]
+    assert recalibrate_batchnorms_(nn.Linear(3, 2), [torch.randn(2, 3)], 1) == 0
+
+
+def test_a_failing_forward_restores_the_statistics_and_names_the_inputs() -> None:
+    net = _net()
+    net(torch.randn(4, 3, 9, 9))
+    before = net[2].running_var.clone()
+    with pytest.raises(ValueError, match=r"example_inputs of shape \(2, 5, 9, 9\)"):
+        recalibrate_batchnorms_(net, [torch.randn(2, 5, 9, 9)], 1)
+    assert torch.equal(net[2].running_var, before) and net[2].momentum == 0.1
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_max_batches_is_checked(bad, error) -> None:
+    with pytest.raises(error, match="max_batches must be an int >= 1"):
+        recalibrate_batchnorms_(_net(), [torch.randn(2, 3, 9, 9)], bad)
+
+
+def test_app_recomputes_the_statistics_before_scoring_and_saving(tmp_path) -> None:
+    from helpers import TINY_RUN
+
+    cfg = compose(f"output_dir={tmp_path}", *TINY_RUN, "bn_recalibration=3")
+    results = train(cfg)
+    assert results["status"] == "finished" and results["bn_recalibration_batches"] == 3
+    assert json.loads((tmp_path / "results.json").read_text())["bn_recalibration_batches"] == 3
+    compact = torch.load(tmp_path / "compact_model.pt", weights_only=False)
+    tracked = {k: int(v) for k, v in compact["state_dict"].items()
+               if k.endswith("num_batches_tracked")}
+    assert tracked and set(tracked.values()) == {3}, tracked  # the saved model's statistics
+
+
+def test_app_off_by_default_and_a_bad_value_is_refused_before_training(cfg_tiny,
+                                                                       tmp_path) -> None:
+    assert cfg_tiny.bn_recalibration == 0
+    bad = compose(f"output_dir={tmp_path / 'bad'}", "bn_recalibration=-1")
+    with pytest.raises(ValueError, match=r"bn_recalibration must be an int >= 0.*got -1"):
+        train(bad)
+    assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_app_recalibration_depends_on_the_seed_alone_and_keeps_the_random_state() -> None:
+    from lrpet_lightning.app.data import DigitsDataModule
+    from lrpet_lightning.app.train import recalibrate_bn
+    from lrpet_lightning.models import build_model
+
+    data = DigitsDataModule(batch_size=32, image_size=16, augment=True)  # random shifts
+    torch.manual_seed(0)
+    dense = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+    stats = []
+    for draw in range(2):
+        net = copy.deepcopy(dense)
+        torch.manual_seed(draw)  # a different random state before each call
+        state = torch.get_rng_state()
+        assert recalibrate_bn(net, data, batches=2, seed=5) == 2
+        assert torch.equal(torch.get_rng_state(), state)
+        stats.append(net.bn1.running_var.clone())
+    torch.testing.assert_close(stats[0], stats[1], rtol=0, atol=0)
