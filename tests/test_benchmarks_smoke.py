@@ -1,5 +1,6 @@
 """benchmarks/accuracy_digits.py still runs: two variants, one seed, a few batches (seconds);
-benchmarks/vs_torch_pruning.py --quick (about 30 s idle, minutes under load; slow)."""
+benchmarks/vs_torch_pruning.py --quick (about 30 s idle, minutes under load; slow);
+benchmarks/bn_recalibration.py on a tiny run (seconds)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,28 @@ def test_vs_torch_pruning_quick(monkeypatch: pytest.MonkeyPatch,
         if name.startswith("torch-pruning") or "x8" in name:
             assert f == pytest.approx(ours, rel=0.005), name
     assert "target: prepare_for_inference <= torch-pruning's best" in capsys.readouterr().out
+
+
+def test_bn_recalibration_rescores_as_the_app_would(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # The script's "after" figure of a run trained without recalibration is the test top-1
+    # the app reports for the same run with bn_recalibration=3; its "as saved", the run's
+    # (to float32 metric precision, far below one image of 359).
+    from helpers import TINY_RUN, compose
+
+    from lrpet_lightning.app.train import train
+
+    run = [o for o in TINY_RUN if "limit_test_batches" not in o]  # the whole test split
+    plain = train(compose(f"output_dir={tmp_path / 'sweep' / 'plain'}", *run))
+    recal = train(compose(f"output_dir={tmp_path / 'recal'}", *run, "bn_recalibration=3"))
+    spec = importlib.util.spec_from_file_location(
+        "bn_recalibration", SCRIPT.parent / "bn_recalibration.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([str(tmp_path / "sweep"), "--batches", "3",
+                       "--json", str(tmp_path / "rows.json")]) == 0
+    [row] = __import__("json").loads((tmp_path / "rows.json").read_text())
+    assert row["test_acc_saved"] == pytest.approx(plain["test_acc"], abs=1e-6)
+    assert row["test_acc_recalibrated"] == pytest.approx(recal["test_acc"], abs=1e-6)
+    assert row["batches"] == 3 and "| sweep / lrpet |" in capsys.readouterr().out
+    assert bench.main([str(tmp_path / "recal" / "csv")]) == 2  # nothing there: said, exit 2
