@@ -418,3 +418,20 @@ def test_prepare_for_inference_folds_half_precision_models(dtype: torch.dtype) -
     assert _caught(prepare_for_inference, model, x, latency_aware=False) == []
     prepared = prepare_for_inference(model, x, latency_aware=False)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())  # folded
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_a_decomposed_model_scripts_with_torchscript_without_a_false_weight_warning() -> None:
+    # TorchScript compiles a module's properties and reads every attribute while it
+    # compiles; the thin layers' conveniences (.weight, .stride, ...) are left out of the
+    # compilation, and those reads are not the parent-reads-.weight the warning is about.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    x = torch.randn(2, 3, 8, 8)
+    project_low_rank_(model, rank_ratio=0.5, include_linear=True, bn_rectification=False)
+    decompose_(model, rank_ratio=0.5, include_linear=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scripted = torch.jit.script(model)
+    assert not [w for w in caught if "LRPET" in str(w.message)]
+    torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)

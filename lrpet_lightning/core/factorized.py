@@ -16,6 +16,7 @@ once, because it costs the FLOPs the factorization saves.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 from torch import Tensor, nn
@@ -30,6 +31,12 @@ __all__ = ["FACTORIZED_TYPES", "FactorizedConv", "FactorizedLayer", "FactorizedL
 
 class FactorizedLayer(nn.Module):
     """Base of the two-thin-layer modules: ``second(first(x))``."""
+
+    # torch.jit.script compiles a module's properties; these are Python-side conveniences
+    # (the forward never reads them), so scripting leaves them out.
+    __jit_unused_properties__ = ("rank", "weight", "bias", "in_channels", "out_channels",
+                                 "kernel_size", "stride", "padding", "dilation",
+                                 "padding_mode", "groups", "in_features", "out_features")
 
     def __init__(self, first: nn.Module, second: nn.Module) -> None:
         super().__init__()
@@ -52,7 +59,9 @@ class FactorizedLayer(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The equivalent dense weight (computed, not a parameter): see the module doc."""
-        if not self.__dict__.get("_weight_read_warned"):
+        # torch.jit.script looks at every attribute while compiling: not a read to warn of.
+        scripting = sys._getframe(1).f_globals.get("__name__", "").startswith("torch.jit")
+        if not scripting and not self.__dict__.get("_weight_read_warned"):
             self.__dict__["_weight_read_warned"] = True
             warnings.warn(
                 f"LRPET: .weight of a {type(self).__name__} (rank {self.rank}) was read: the "
