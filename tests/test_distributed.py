@@ -455,9 +455,10 @@ def test_the_ddp_cpu_trainer_has_the_app_start_lightning_ddp_ranks() -> None:
 def test_train_with_the_ddp_cpu_trainer_reports_the_compact_model(tmp_path: Path) -> None:
     from lrpet_lightning.app.train import load_compact_model, train
 
-    results = train(_compose(f"output_dir={tmp_path}", *_app_overrides()))
+    results = train(_compose(f"output_dir={tmp_path}", *_app_overrides("bn_recalibration=2")))
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["epochs"] == 1
+    assert written["bn_recalibration_batches"] == 2 and written["errors"] == []  # and shared
     assert written["flops_reduction"] > 0.3 and written["params_reduction"] > 0.3
     assert results["flops_reduction"] == written["flops_reduction"]
     assert (tmp_path / "compression_report.md").is_file()

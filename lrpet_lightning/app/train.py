@@ -185,6 +185,8 @@ def evaluate(run: Run, status: str) -> Evaluation:
         bn_batches = run.guard("BatchNorm recalibration", recalibrate_bn, net, run.datamodule,
                                run.cfg.bn_recalibration, run.cfg.seed,
                                run.trainer.strategy.root_device)
+        if bn_batches and run.trainer.world_size > 1:  # rank 0's statistics, bit for bit
+            run.guard("BatchNorm recalibration", _share_bn_statistics, run)
     val: list[dict[str, float]] = [{}]
     test: list[dict[str, float]] = [{}]
     if usable:
@@ -233,6 +235,23 @@ def recalibrate_bn(net: torch.nn.Module, datamodule: Any, batches: int, seed: in
     log.info("BatchNorm statistics recomputed on %d training batch(es) of %d", used,
              datamodule.batch_size)
     return used
+
+
+def _share_bn_statistics(run: Run) -> None:
+    """Every process takes rank 0's recomputed BatchNorm buffers: the same batches give the
+    same statistics up to the order of floating-point sums, and a user's transform may draw
+    from an unseeded generator; the model each rank scores and rank 0 saves must be one."""
+    norms = {name: m for name, m in run.net.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    state = {name: (m.running_mean.cpu(), m.running_var.cpu(), m.num_batches_tracked.cpu())
+             for name, m in norms.items()}
+    shared = run.trainer.strategy.broadcast(state, src=0)
+    with torch.no_grad():
+        for name, (mean, var, tracked) in shared.items():
+            m = norms[name]
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(tracked)
 
 
 def _base_results(run: Run, ev: Evaluation) -> dict[str, Any]:
