@@ -64,16 +64,19 @@ def _seed(path: Path) -> int:
 
 
 def _group(row: dict[str, Any]) -> str:
-    return f"{Path(row['run']).parent.name} / {row['variant']}"
+    """The sweep (the run dir's parent, its last two folders), the variant and the FLOPs."""
+    sweep = "/".join(Path(row["run"]).parent.parts[-2:])
+    return f"{sweep} / {row['variant']} / {row['flops_reduction']}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Mean ± std of each group's test top-1 (a group: the sweep folder and the variant)."""
+    """Mean ± std of each group's test top-1 (a group: one sweep's runs of one variant at
+    one FLOPs reduction)."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[_group(row)].append(row)
-    lines = ["| runs | FLOPs reduction | seeds | test top-1 as saved | after recalibration |",
-             "|---|---:|---|---:|---:|"]
+    lines = ["| sweep / variant | FLOPs reduction | seeds | test top-1 as saved | after "
+             "recalibration |", "|---|---:|---|---:|---:|"]
     for name, group in sorted(groups.items()):
         def stat(key: str, group=group) -> str:
             values = [100 * r[key] for r in group]
@@ -81,7 +84,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             per_seed = "/".join(f"{v:.1f}" for v in values)
             return f"{statistics.mean(values):.2f} ± {spread:.2f} ({per_seed})"
         flops = group[0]["flops_reduction"]
-        lines.append(f"| {name} | {100 * flops:.2f} % | "
+        label = name.rsplit(" / ", 1)[0]
+        measured = f"{100 * flops:.2f} %" if flops is not None else "not measured"
+        lines.append(f"| {label} | {measured} | "
                      f"{','.join(str(r['seed']) for r in group)} | {stat('test_acc_saved')} | "
                      f"{stat('test_acc_recalibrated')} |")
     return "\n".join(lines)

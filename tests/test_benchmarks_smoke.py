@@ -102,5 +102,5 @@ def test_bn_recalibration_rescores_as_the_app_would(tmp_path: Path,
     [row] = __import__("json").loads((tmp_path / "rows.json").read_text())
     assert row["test_acc_saved"] == pytest.approx(plain["test_acc"], abs=1e-6)
     assert row["test_acc_recalibrated"] == pytest.approx(recal["test_acc"], abs=1e-6)
-    assert row["batches"] == 3 and "| sweep / lrpet |" in capsys.readouterr().out
+    assert row["batches"] == 3 and "sweep / lrpet | 57.48 % | 0 |" in capsys.readouterr().out
     assert bench.main([str(tmp_path / "recal" / "csv")]) == 2  # nothing there: said, exit 2
