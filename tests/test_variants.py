@@ -113,6 +113,12 @@ def test_bad_variant_is_refused(overrides, error, match) -> None:
         check_variant(compose("trainer.max_epochs=3", *overrides), world_size=1)
 
 
+def test_lrpet_without_the_callback_is_called_dense() -> None:
+    # callbacks.lrpet=null trains a dense model: results.json must not say variant lrpet.
+    assert check_variant(compose("callbacks.lrpet=null"), world_size=1) == ("dense", None)
+    assert check_variant(compose(), world_size=1) == ("lrpet", None)
+
+
 @pytest.mark.parametrize("variant", ["dense_finetune", "lrpet_thin"])
 def test_a_mid_fit_decomposition_refuses_several_processes(variant: str) -> None:
     with pytest.raises(ValueError, match="one process"):

@@ -46,7 +46,8 @@ VARIANTS = ("lrpet", "lrpet_thin", "thin_init", "dense_finetune", "dense")
 
 
 def check_variant(cfg: DictConfig, world_size: int) -> tuple[str, int | None]:
-    """``(name, finetune_epochs)`` of ``cfg.variant`` (``("lrpet", None)`` without one).
+    """``(name, finetune_epochs)`` of ``cfg.variant`` (``("lrpet", None)`` without one;
+    ``"dense"`` for ``lrpet`` without the callback, ``callbacks.lrpet=null``).
 
     Raises:
         TypeError, ValueError: a bad ``variant.name`` or ``variant.finetune_epochs``, a
@@ -56,9 +57,11 @@ def check_variant(cfg: DictConfig, world_size: int) -> tuple[str, int | None]:
     node = cfg.get("variant")
     name = "lrpet" if node is None else node.get("name", "lrpet")
     check_choice("variant.name", name, VARIANTS)
+    lrpet = (cfg.get("callbacks") or {}).get("lrpet")
+    if name == "lrpet" and lrpet is None:  # callbacks.lrpet=null: what trains is dense
+        return "dense", None
     if name in ("lrpet", "dense"):
         return name, None
-    lrpet = (cfg.get("callbacks") or {}).get("lrpet")
     if lrpet is None:
         raise ValueError(f"variant={name} takes its ranks from callbacks.lrpet, which is "
                          f"null; give callbacks.lrpet (e.g. callbacks.lrpet.rank_ratio=0.4)")
