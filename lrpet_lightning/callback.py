@@ -96,6 +96,12 @@ class LowRankProjectionCallback(Callback):
         final_projection: project once more when training ends, by plain truncation (the
             closest rank-r model), so the trained model is exactly low rank; skipped when the
             last scheduled projection already ran after the last optimizer step.
+        bn_recalibration: after each projection (the final one too), recompute the
+            BatchNorm running statistics on the network's inputs of the last this many
+            training batches, kept in memory (references to the batches, on their device):
+            without it they describe the weights before the projection, and the validation
+            that follows (and a final model tested as it is) scores below what the weights
+            can do (docs/app.md). Default 0: off, as in the paper.
         decompose_on_fit_end: replace each projected layer by its two thin layers when
             training ends (dense checkpoints such as ``"best"`` still load into it).
         log_per_layer: also log each layer's kept energy and relative change.
@@ -121,8 +127,8 @@ class LowRankProjectionCallback(Callback):
         target_params_reduction: float | None = None, allocation: str = "uniform",
         rank_multiple: int = 1, budget_warmup_epochs: int = 1, every_n_epochs: int | None = None,
         every_n_train_steps: int | None = None, start: int = 0, stop: int | None = None,
-        final_projection: bool = True, decompose_on_fit_end: bool = False,
-        log_per_layer: bool = False, report: bool = True,
+        final_projection: bool = True, bn_recalibration: int = 0,
+        decompose_on_fit_end: bool = False, log_per_layer: bool = False, report: bool = True,
     ) -> None:
         super().__init__()
         self.config = LowRankConfig(
@@ -138,6 +144,9 @@ class LowRankProjectionCallback(Callback):
         self.every_n_epochs, self.every_n_train_steps, self.start, self.stop = check_schedule(
             every_n_epochs, every_n_train_steps, start, stop)
         self.final_projection = check_bool("final_projection", final_projection)
+        self.bn_recalibration = check_int("bn_recalibration", bn_recalibration, 0,
+                                          meaning="training batches to recompute BatchNorm "
+                                                  "statistics on after a projection; 0: off")
         self.decompose_on_fit_end = check_bool("decompose_on_fit_end", decompose_on_fit_end)
         self.log_per_layer = check_bool("log_per_layer", log_per_layer)
         self.report = check_bool("report", report)
@@ -276,6 +285,8 @@ class LowRankProjectionCallback(Callback):
                              batch: Any, batch_idx: int) -> None:
         fit = self._fit
         fit.step_at_batch_start = trainer.global_step
+        if self.bn_recalibration and fit.recent is None and fit.layers:
+            fit.keep_recent_inputs(self._network(pl_module).called, self.bn_recalibration)
         if fit.traced or fit.plan is None:
             return
         # Trace conv->BN pairs during this very training step: no extra forward pass; and
@@ -382,6 +393,12 @@ class LowRankProjectionCallback(Callback):
         # scheduled projection must not skip the final one).
         fit.exact = config.residual_scale == 0.0 and all(r.skipped in _EXACT_SKIPS
                                                          for r in records)
+        if fit.recent is not None:  # statistics for the weights just projected
+            try:
+                fit.recent.recalibrate(self._network(pl_module).called)
+            except Exception as err:  # noqa: BLE001 - never lose the training over statistics
+                rank_zero_warn(f"LRPET: bn_recalibration failed ({type(err).__name__}: {err});"
+                               " the BatchNorm statistics stay as training left them")
         self.last_records = records
         fit.first_records = fit.first_records or records
         self.num_projections += 1

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lrpet_lightning.core.batchnorm import RecentInputs
 from lrpet_lightning.core.budget import RankSolution, solve_ranks_for_layers
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.network import Network
@@ -47,6 +48,8 @@ class FitState:
     first_records: list[LayerRecord] = field(default_factory=list)
     tracer: BNPairTracer | None = None  # live during the first training step only
     inputs: InputRecorder | None = None  # one sample of the network's input
+    #: The network's last training inputs, for bn_recalibration (None: off).
+    recent: RecentInputs | None = None
     traced: bool = False
     step_at_batch_start: int = -1
     projected_this_epoch: bool = False
@@ -117,11 +120,15 @@ class FitState:
             messages.append(f"{self.inputs.problem}; the compression report is skipped")
         return [m for m in messages if m]
 
+    def keep_recent_inputs(self, network: nn.Module, batches: int) -> None:
+        """From now on keep the inputs of ``network``'s last ``batches`` training calls."""
+        self.recent = RecentInputs(network, batches).__enter__()
+
     def remove_hooks(self) -> None:
-        for hooks in (self.inputs, self.tracer):
+        for hooks in (self.inputs, self.tracer, self.recent):
             if hooks is not None:
                 hooks.__exit__()
-        self.tracer = None
+        self.tracer = self.recent = None
 
     def budget_pending(self, config: LowRankConfig, epochs_done: int, warmup_epochs: int) -> bool:
         """Whether a ``"spectrum"`` budget is still in its warm-up (no projection yet)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import lightning as L
 import pytest
 import torch
 from helpers import compose
@@ -113,3 +114,84 @@ def test_app_recalibration_depends_on_the_seed_alone_and_keeps_the_random_state(
         assert torch.equal(torch.get_rng_state(), state)
         stats.append(net.bn1.running_var.clone())
     torch.testing.assert_close(stats[0], stats[1], rtol=0, atol=0)
+
+
+def test_recent_inputs_keeps_the_last_training_calls_only() -> None:
+    from lrpet_lightning.core.batchnorm import RecentInputs
+
+    net = _net()
+    batches = [torch.randn(2, 3, 9, 9) for _ in range(4)]
+    with RecentInputs(net, 2) as recent:
+        for x in batches:
+            net(x)
+        net.eval()(torch.randn(2, 3, 9, 9))  # validation: not kept
+        net.train()
+        kept = [args[0] for args in recent._kept]
+        assert len(recent) == 2 and kept[0] is not batches[2]  # detached views, not copies
+        assert all(torch.equal(k, b) for k, b in zip(kept, batches[2:], strict=True))
+        assert recent.recalibrate(net) == 2 and len(recent) == 2  # its own calls not kept
+    assert len(recent) == 0 and not net._forward_pre_hooks  # unhooked, emptied
+
+
+def _bn_input_stats(module, batches):
+    """The mean and variance the first BatchNorm of ``module.net`` sees over ``batches``."""
+    with torch.no_grad():
+        feats = [module.net.conv1(x) for x in batches]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.transpose(0, 1).flatten(1).var(1) for f in feats]).mean(0)
+    return mean, var
+
+
+@pytest.mark.parametrize(("schedule", "tracked"), [
+    ({"every_n_epochs": 1}, [2, 2]),  # projected on the epoch's last batch
+    ({"every_n_train_steps": 3}, [3, 4]),  # at steps 3 and 6: then 1 and 2 more batches
+])
+def test_callback_recalibrates_after_every_projection(schedule, tracked) -> None:
+    from helpers import Tiny, make_trainer
+
+    from lrpet_lightning import LowRankProjectionCallback
+
+    module = Tiny(n_batches=4)
+    seen: list[tuple[int, int]] = []  # (projections done, num_batches_tracked) at validation
+    lrpet = LowRankProjectionCallback(rank_ratio=0.25, bn_recalibration=2, **schedule)
+
+    class Spy(L.Callback):
+        def on_validation_start(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking:
+                seen.append((lrpet.num_projections, int(pl_module.net.bn1.num_batches_tracked)))
+
+    trainer = make_trainer([lrpet, Spy()], max_epochs=2)
+    trainer.fit(module)
+    # Statistics restart from the 2 kept batches at each projection (momentum=None while
+    # recomputed, then training's own momentum again for the batches after it).
+    assert [n for n, _ in seen] == [1, 2] and [t for _, t in seen] == tracked, seen
+    # After fit (the final projection's recalibration, or the last scheduled one): the
+    # statistics of the last two training batches, run through the final weights.
+    mean, var = _bn_input_stats(module, [module.x[8:12], module.x[12:16]])
+    torch.testing.assert_close(module.net.bn1.running_mean, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(module.net.bn1.running_var, var, rtol=1e-4, atol=1e-5)
+
+
+def test_callback_bn_recalibration_is_checked_and_off_by_default() -> None:
+    from lrpet_lightning import LowRankProjectionCallback
+
+    assert LowRankProjectionCallback(rank_ratio=0.5).bn_recalibration == 0
+    with pytest.raises(ValueError, match=r"bn_recalibration must be an int >= 0.*got -2"):
+        LowRankProjectionCallback(rank_ratio=0.5, bn_recalibration=-2)
+
+
+def test_a_failing_callback_recalibration_warns_and_training_goes_on(monkeypatch) -> None:
+    from helpers import Tiny, make_trainer
+
+    from lrpet_lightning import LowRankProjectionCallback
+    from lrpet_lightning.core.batchnorm import RecentInputs
+
+    def fail(self, model):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(RecentInputs, "recalibrate", fail)
+    lrpet = LowRankProjectionCallback(rank_ratio=0.25, bn_recalibration=2)
+    trainer = make_trainer([lrpet], max_epochs=2)
+    with pytest.warns(UserWarning, match="bn_recalibration failed .RuntimeError: out of memory"):
+        trainer.fit(Tiny())
+    assert trainer.current_epoch == 2 and lrpet.num_projections == 2

@@ -10,7 +10,8 @@ statistics with the final weights, on training inputs, and changes nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from lrpet_lightning.core.checks import check_int
 from lrpet_lightning.core.trace import run_forward
 
-__all__ = ["recalibrate_batchnorms_"]
+__all__ = ["RecentInputs", "recalibrate_batchnorms_"]
 
 
 @torch.no_grad()
@@ -79,3 +80,68 @@ def recalibrate_batchnorms_(model: nn.Module, inputs: Iterable[Any], max_batches
         for m, training in modes.items():
             m.train(training)
     return used
+
+
+class RecentInputs:
+    """Context manager that keeps the inputs of the last ``size`` training-mode calls of
+    ``module`` (references, detached: no copy), to recalibrate its BatchNorms on them
+    (:meth:`recalibrate`) without asking a data loader for more batches.
+
+    Calls in eval mode (validation) and the recalibration's own calls are not kept; a call
+    with both positional and keyword inputs is not kept either (one kind replays).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        >>> with RecentInputs(net, 2) as recent:
+        ...     for _ in range(3):
+        ...         _ = net(torch.randn(8, 4))
+        ...     recent.recalibrate(net)
+        2
+    """
+
+    def __init__(self, module: nn.Module, size: int) -> None:
+        self.size = check_int("size", size, minimum=1, meaning="training calls to keep")
+        self._module = module
+        self._kept: deque[Any] = deque(maxlen=self.size)
+        self._handle: Any = None
+        self._replaying = False
+
+    def __enter__(self) -> RecentInputs:
+        self._handle = self._module.register_forward_pre_hook(self._keep, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._kept.clear()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def _keep(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._replaying or not module.training or (args and kwargs):
+            return
+        self._kept.append(_detached(kwargs or args))
+
+    def recalibrate(self, model: nn.Module) -> int:
+        """:func:`recalibrate_batchnorms_` of ``model`` on the kept inputs; the number used."""
+        if not self._kept:
+            return 0
+        self._replaying = True
+        try:
+            return recalibrate_batchnorms_(model, list(self._kept), len(self._kept))
+        finally:
+            self._replaying = False
+
+
+def _detached(inputs: Any) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.detach()
+    if isinstance(inputs, tuple) and hasattr(inputs, "_fields"):  # a namedtuple
+        return type(inputs)(*(_detached(x) for x in inputs))
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_detached(x) for x in inputs)
+    if isinstance(inputs, Mapping):
+        return {k: _detached(v) for k, v in inputs.items()}
+    return inputs
