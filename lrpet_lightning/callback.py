@@ -31,6 +31,7 @@ from lrpet_lightning.callback_support import (
     refuse_sharded,
     spawned,
 )
+from lrpet_lightning.core.batchnorm import load_norm_statistics_, norm_statistics, running_norms
 from lrpet_lightning.core.budget import RankSolution
 from lrpet_lightning.core.checkpoint import optimizers_match
 from lrpet_lightning.core.checks import check_bool, check_int
@@ -286,7 +287,15 @@ class LowRankProjectionCallback(Callback):
         fit = self._fit
         fit.step_at_batch_start = trainer.global_step
         if self.bn_recalibration and fit.recent is None and fit.layers:
-            fit.keep_recent_inputs(self._network(pl_module).called, self.bn_recalibration)
+            network = self._network(pl_module)
+            fit.keep_recent_inputs(network.called, self.bn_recalibration)
+            inside = {id(m) for m in network.eager.modules()}
+            outside = [n for n, m in running_norms(pl_module).items() if id(m) not in inside]
+            if outside:
+                rank_zero_warn(f"LRPET: bn_recalibration replays {network.prefix!r}, the "
+                               "network holding the projected layers; these norms outside "
+                               "it keep the statistics training gives them: "
+                               + ", ".join(outside))
         if fit.traced or fit.plan is None:
             return
         # Trace conv->BN pairs during this very training step: no extra forward pass; and
@@ -394,11 +403,7 @@ class LowRankProjectionCallback(Callback):
         fit.exact = config.residual_scale == 0.0 and all(r.skipped in _EXACT_SKIPS
                                                          for r in records)
         if fit.recent is not None:  # statistics for the weights just projected
-            try:
-                fit.recent.recalibrate(self._network(pl_module).called)
-            except Exception as err:  # noqa: BLE001 - never lose the training over statistics
-                rank_zero_warn(f"LRPET: bn_recalibration failed ({type(err).__name__}: {err});"
-                               " the BatchNorm statistics stay as training left them")
+            self._recalibrate(trainer, pl_module)
         self.last_records = records
         fit.first_records = fit.first_records or records
         self.num_projections += 1
@@ -406,6 +411,18 @@ class LowRankProjectionCallback(Callback):
         self.last_projected_epoch = trainer.current_epoch
         log_projection(trainer, records, seconds, self.num_projections, self.log_per_layer,
                         final)
+
+    def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """bn_recalibration: the norms' statistics for the weights just projected; under DDP
+        every process then takes rank 0's (each kept its own last batches), one model."""
+        try:
+            self._fit.recent.recalibrate()
+        except Exception as err:  # noqa: BLE001 - never lose the training over statistics
+            rank_zero_warn(f"LRPET: bn_recalibration failed ({type(err).__name__}: {err}); "
+                           "the BatchNorm statistics stay as training left them")
+        if trainer.world_size > 1:  # on every rank, whatever its replay did: no hang
+            load_norm_statistics_(pl_module, trainer.strategy.broadcast(
+                norm_statistics(pl_module), src=0))
 
     def _write_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: on every rank

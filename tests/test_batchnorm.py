@@ -126,7 +126,7 @@ def test_recent_inputs_keeps_the_last_training_calls_only() -> None:
             net(x)
         net.eval()(torch.randn(2, 3, 9, 9))  # validation: not kept
         net.train()
-        kept = [args[0] for args in recent._kept]
+        kept = [args[0] for args, _ in recent._kept]
         assert len(recent) == 2 and kept[0] is not batches[2]  # detached views, not copies
         assert all(torch.equal(k, b) for k, b in zip(kept, batches[2:], strict=True))
         assert recent.recalibrate(net) == 2 and len(recent) == 2  # its own calls not kept
@@ -186,7 +186,7 @@ def test_a_failing_callback_recalibration_warns_and_training_goes_on(monkeypatch
     from lrpet_lightning import LowRankProjectionCallback
     from lrpet_lightning.core.batchnorm import RecentInputs
 
-    def fail(self, model):
+    def fail(self, model=None):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(RecentInputs, "recalibrate", fail)
@@ -195,3 +195,117 @@ def test_a_failing_callback_recalibration_warns_and_training_goes_on(monkeypatch
     with pytest.warns(UserWarning, match="bn_recalibration failed .RuntimeError: out of memory"):
         trainer.fit(Tiny())
     assert trainer.current_epoch == 2 and lrpet.num_projections == 2
+
+
+def test_a_failure_after_some_batches_restores_every_statistic() -> None:
+    net = _net()
+    net(torch.randn(4, 3, 9, 9))
+    before = (net[2].running_mean.clone(), int(net[2].num_batches_tracked))
+    with pytest.raises(ValueError, match="do not run through"):
+        recalibrate_batchnorms_(net, [torch.randn(2, 3, 9, 9), torch.randn(2, 5, 9, 9)], 2)
+    assert torch.equal(net[2].running_mean, before[0])
+    assert int(net[2].num_batches_tracked) == before[1]
+
+
+class _Branchy(nn.Module):
+    """A BatchNorm on a branch the inputs do not take (an auxiliary head), and an
+    InstanceNorm that keeps running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.inorm = nn.InstanceNorm2d(4, track_running_stats=True)
+        self.aux = nn.BatchNorm2d(4)
+        self.use_aux = False
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.inorm(self.aux(y) if self.use_aux else y)
+
+
+def test_unreached_batchnorms_and_instance_norms_keep_their_statistics() -> None:
+    net = _Branchy()
+    with torch.no_grad():
+        net.aux.running_mean.fill_(3.0)
+        net.inorm.running_mean.fill_(2.0)  # momentum=None would freeze an InstanceNorm
+    assert recalibrate_batchnorms_(net, [torch.randn(2, 3, 8, 8)], 1) == 1
+    assert int(net.bn.num_batches_tracked) == 1
+    assert torch.equal(net.aux.running_mean, torch.full((4,), 3.0))  # not reset to 0
+    assert torch.equal(net.inorm.running_mean, torch.full((4,), 2.0))
+
+
+def test_mixed_positional_and_keyword_calls_are_replayed_as_made() -> None:
+    from lrpet_lightning.core.batchnorm import RecentInputs
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x, scale=1.0):
+            return self.bn(x * scale)
+
+    net = Scaled()
+    batches = [torch.randn(8, 3) for _ in range(2)]
+    with RecentInputs(net, 2) as recent:
+        for x in batches:
+            net(x, scale=2.0)
+        assert recent.recalibrate() == 2
+    mean = torch.stack([(2.0 * x).mean(0) for x in batches]).mean(0)
+    torch.testing.assert_close(net.bn.running_mean, mean)
+
+
+def test_app_recalibration_feeds_a_bf16_model_bf16_inputs(tmp_path) -> None:
+    from helpers import TINY_RUN
+
+    results = train(compose(f"output_dir={tmp_path}", *TINY_RUN, "bn_recalibration=2",
+                            "trainer.precision=bf16-true"))
+    assert results["bn_recalibration_batches"] == 2 and results["errors"] == []
+
+
+def test_callback_names_norms_outside_the_replayed_network_and_leaves_them() -> None:
+    from helpers import Tiny, make_trainer
+
+    from lrpet_lightning import LowRankProjectionCallback
+
+    class WithHead(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head_bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.head_bn(self.net(x))
+
+    module = WithHead()
+    lrpet = LowRankProjectionCallback(rank_ratio=0.25, bn_recalibration=2)
+    with pytest.warns(UserWarning, match="norms outside it keep the statistics.*head_bn"):
+        make_trainer([lrpet], max_epochs=1).fit(module)
+    assert int(module.net.bn1.num_batches_tracked) == 2  # the network's: recomputed
+    assert int(module.head_bn.num_batches_tracked) == 4  # the head's: training's own
+
+
+def test_callback_under_ddp_takes_rank_zeros_statistics() -> None:
+    from types import SimpleNamespace
+
+    from helpers import Tiny
+
+    from lrpet_lightning import LowRankProjectionCallback
+    from lrpet_lightning.core.batchnorm import RecentInputs, norm_statistics
+
+    module = Tiny()
+    rank0 = Tiny()
+    with torch.no_grad():
+        rank0.net.bn1.running_mean.fill_(7.0)
+    lrpet = LowRankProjectionCallback(rank_ratio=0.25, bn_recalibration=1)
+    lrpet._fit.recent = RecentInputs(module.net, 1).__enter__()
+    module.net(module.x[:4])
+    sent = []
+
+    def broadcast(obj, src):
+        sent.append(src)
+        return norm_statistics(rank0)
+
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(broadcast=broadcast))
+    lrpet._recalibrate(trainer, module)
+    lrpet._fit.remove_hooks()
+    assert sent == [0] and torch.equal(module.net.bn1.running_mean, torch.full((16,), 7.0))

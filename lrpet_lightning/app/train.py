@@ -38,7 +38,11 @@ from lrpet_lightning.app.rundir import check_compact_model_name, check_writable,
 from lrpet_lightning.app.schema import STATUSES
 from lrpet_lightning.app.spawn import check_strategy, spawns_here, train_spawned
 from lrpet_lightning.callback import LowRankProjectionCallback
-from lrpet_lightning.core.batchnorm import recalibrate_batchnorms_
+from lrpet_lightning.core.batchnorm import (
+    load_norm_statistics_,
+    norm_statistics,
+    recalibrate_batchnorms_,
+)
 from lrpet_lightning.core.checkpoint import atomic_write, save_compact
 from lrpet_lightning.core.report import CompressionReport
 from lrpet_lightning.core.transforms import decompose_, decomposed_ranks
@@ -185,8 +189,8 @@ def evaluate(run: Run, status: str) -> Evaluation:
         bn_batches = run.guard("BatchNorm recalibration", recalibrate_bn, net, run.datamodule,
                                run.cfg.bn_recalibration, run.cfg.seed,
                                run.trainer.strategy.root_device)
-        if bn_batches and run.trainer.world_size > 1:  # rank 0's statistics, bit for bit
-            run.guard("BatchNorm recalibration", _share_bn_statistics, run)
+        if run.trainer.world_size > 1:  # rank 0's statistics on every rank, whatever each
+            run.guard("BatchNorm recalibration", _share_bn_statistics, run)  # did (no hang)
     val: list[dict[str, float]] = [{}]
     test: list[dict[str, float]] = [{}]
     if usable:
@@ -225,11 +229,13 @@ def recalibrate_bn(net: torch.nn.Module, datamodule: Any, batches: int, seed: in
     net.to(device)
     # Random training transforms draw from torch's generator: seeded here too, and the
     # training's random state left as it was.
+    dtype = next(net.parameters()).dtype  # a *-true precision: the inputs in its dtype
+    inputs = (batch[0].to(device, dtype if batch[0].is_floating_point() else None)
+              for batch in loader)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         try:
-            used = recalibrate_batchnorms_(net, (batch[0].to(device) for batch in loader),
-                                           batches)
+            used = recalibrate_batchnorms_(net, inputs, batches)
         finally:
             net.to(home)
     log.info("BatchNorm statistics recomputed on %d training batch(es) of %d", used,
@@ -241,17 +247,8 @@ def _share_bn_statistics(run: Run) -> None:
     """Every process takes rank 0's recomputed BatchNorm buffers: the same batches give the
     same statistics up to the order of floating-point sums, and a user's transform may draw
     from an unseeded generator; the model each rank scores and rank 0 saves must be one."""
-    norms = {name: m for name, m in run.net.named_modules()
-             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
-    state = {name: (m.running_mean.cpu(), m.running_var.cpu(), m.num_batches_tracked.cpu())
-             for name, m in norms.items()}
-    shared = run.trainer.strategy.broadcast(state, src=0)
-    with torch.no_grad():
-        for name, (mean, var, tracked) in shared.items():
-            m = norms[name]
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(tracked)
+    shared = run.trainer.strategy.broadcast(norm_statistics(run.net), src=0)
+    load_norm_statistics_(run.net, shared)
 
 
 def _base_results(run: Run, ev: Evaluation) -> dict[str, Any]:

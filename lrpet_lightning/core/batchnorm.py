@@ -11,26 +11,63 @@ statistics with the final weights, on training inputs, and changes nothing else.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lrpet_lightning.core.checks import check_int
 from lrpet_lightning.core.trace import run_forward
 
-__all__ = ["RecentInputs", "recalibrate_batchnorms_"]
+__all__ = ["RecentInputs", "load_norm_statistics_", "norm_statistics", "recalibrate_batchnorms_",
+           "running_norms"]
+
+
+def running_norms(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: module}`` of ``model``'s BatchNorms (any dimension, SyncBatchNorm) that
+    keep running statistics; a lazy one not yet run has none. (An InstanceNorm with
+    ``track_running_stats=True`` is not one: it cannot average batches alike,
+    ``momentum=None`` freezes its statistics, so it keeps what it has.)"""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, _BatchNorm) and m.track_running_stats
+            and not isinstance(m.running_mean, nn.parameter.UninitializedBuffer)}
+
+
+def norm_statistics(model: nn.Module) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """``{name: (running_mean, running_var, num_batches_tracked)}`` of
+    :func:`running_norms`, copied to the CPU (e.g. to broadcast one process's to all)."""
+    return {name: (m.running_mean.detach().cpu().clone(), m.running_var.detach().cpu().clone(),
+                   m.num_batches_tracked.detach().cpu().clone())
+            for name, m in running_norms(model).items()}
 
 
 @torch.no_grad()
+def load_norm_statistics_(model: nn.Module,
+                          statistics: dict[str, tuple[Tensor, Tensor, Tensor]]) -> None:
+    """Copy :func:`norm_statistics` (of this model or a replica) into ``model``'s norms."""
+    norms = running_norms(model)
+    for name, (mean, var, tracked) in statistics.items():
+        _copy_statistics(norms[name], mean, var, tracked)
+
+
+def _copy_statistics(m: nn.Module, mean: Tensor, var: Tensor, tracked: Tensor) -> None:
+    m.running_mean.copy_(mean)
+    m.running_var.copy_(var)
+    m.num_batches_tracked.copy_(tracked)
+
+
 def recalibrate_batchnorms_(model: nn.Module, inputs: Iterable[Any], max_batches: int) -> int:
     """Recompute every BatchNorm's running statistics of ``model`` from ``inputs``, in place.
 
     The statistics are reset and averaged over (at most) ``max_batches`` batches, each
-    weighted alike (``momentum=None``), with the BatchNorms in training mode and everything
-    else in eval mode (no dropout); weights are not touched and no gradient is kept. Each
-    module's mode and momentum are restored.
+    weighted alike (``momentum=None``), with the norms in training mode and everything else
+    in eval mode (no dropout); weights are not touched and no gradient is kept. Each
+    module's mode and momentum are restored. Every BatchNorm with running statistics counts
+    (any dimension, SyncBatchNorm; see :func:`running_norms`); one the inputs never reach
+    (a training-only branch) keeps its statistics, and if a forward fails every BatchNorm
+    gets its statistics back before the error is raised.
 
     Args:
         model: any ``nn.Module``.
@@ -39,8 +76,11 @@ def recalibrate_batchnorms_(model: nn.Module, inputs: Iterable[Any], max_batches
         max_batches: how many batches to use, >= 1.
 
     Returns:
-        The number of batches used (0: ``model`` has no BatchNorm, or ``inputs`` is empty;
+        The number of batches used (0: ``model`` has no such BatchNorm, or ``inputs`` is empty;
         the statistics are then left as they were).
+
+    Raises:
+        ValueError: a batch does not run through ``model`` (the statistics are restored).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
@@ -51,32 +91,41 @@ def recalibrate_batchnorms_(model: nn.Module, inputs: Iterable[Any], max_batches
     """
     max_batches = check_int("max_batches", max_batches, minimum=1,
                             meaning="batches to average the statistics over")
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
+    calls = (lambda batch=batch: run_forward(model, batch) for batch in inputs)
+    return _recalibrate(model, calls, max_batches)
+
+
+@torch.no_grad()
+def _recalibrate(model: nn.Module, calls: Iterable[Callable[[], Any]], max_batches: int) -> int:
+    """:func:`recalibrate_batchnorms_` with each batch given as a call that runs it."""
+    norms = list(running_norms(model).values())
     if not norms:
         return 0
     modes = {m: m.training for m in model.modules()}
     saved = {m: (m.momentum, m.running_mean.clone(), m.running_var.clone(),
                  m.num_batches_tracked.clone()) for m in norms}
-    used = 0
+    reached: set[nn.Module] = set()
+    hooks = [m.register_forward_pre_hook(lambda m, _: reached.add(m)) for m in norms]
+    used, failed = 0, True
     try:
         model.eval()
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average: every batch counts alike
             m.train()
-        for batch in inputs:
+        for call in calls:
             if used == max_batches:
                 break
-            run_forward(model, batch)
+            call()
             used += 1
+        failed = False
     finally:
+        for hook in hooks:
+            hook.remove()
         for m, (momentum, mean, var, tracked) in saved.items():
             m.momentum = momentum
-            if used == 0:  # nothing seen: keep the old statistics rather than none
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(tracked)
+            if failed or m not in reached:  # keep what it had rather than none or a part
+                _copy_statistics(m, mean, var, tracked)
         for m, training in modes.items():
             m.train(training)
     return used
@@ -87,15 +136,15 @@ class RecentInputs:
     ``module`` (references, detached: no copy), to recalibrate its BatchNorms on them
     (:meth:`recalibrate`) without asking a data loader for more batches.
 
-    Calls in eval mode (validation) and the recalibration's own calls are not kept; a call
-    with both positional and keyword inputs is not kept either (one kind replays).
+    Calls in eval mode (validation) and the recalibration's own calls are not kept. A
+    module that changes its input in place would replay the changed input.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
         >>> with RecentInputs(net, 2) as recent:
         ...     for _ in range(3):
         ...         _ = net(torch.randn(8, 4))
-        ...     recent.recalibrate(net)
+        ...     recent.recalibrate()
         2
     """
 
@@ -120,17 +169,21 @@ class RecentInputs:
         return len(self._kept)
 
     def _keep(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._replaying or not module.training or (args and kwargs):
+        if self._replaying or not module.training:
             return
-        self._kept.append(_detached(kwargs or args))
+        self._kept.append((_detached(args), _detached(kwargs)))
 
-    def recalibrate(self, model: nn.Module) -> int:
-        """:func:`recalibrate_batchnorms_` of ``model`` on the kept inputs; the number used."""
+    def recalibrate(self, model: nn.Module | None = None) -> int:
+        """:func:`recalibrate_batchnorms_` of ``model`` (default: the hooked module), each
+        kept call replayed as it was made (``module(*args, **kwargs)``); the number used."""
         if not self._kept:
             return 0
+        module = self._module
+        model = module if model is None else model
         self._replaying = True
         try:
-            return recalibrate_batchnorms_(model, list(self._kept), len(self._kept))
+            calls = [lambda a=a, k=k: module(*a, **k) for a, k in self._kept]
+            return _recalibrate(model, calls, len(calls))
         finally:
             self._replaying = False
 
