@@ -119,3 +119,23 @@ def test_fit_ends_rank_r_and_decomposed(name: str, include_linear: bool) -> None
         f"{sorted(reported)[:3]} vs {sorted(ranks)[:3]}")
     (result,) = trainer.test(module, verbose=False)
     assert torch.isfinite(torch.tensor(result["test_loss"]))
+
+
+def test_bn_recalibration_on_timm_batchnorm_act_layers() -> None:
+    # timm's BatchNormAct2d (a BatchNorm2d subclass that also applies the activation) runs
+    # its own forward: after the fit every norm holds the average of the last 2 training
+    # batches (the final projection's recalibration), and outputs stay finite.
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    module = Wrapper("timm_mobilenetv3_small")
+    callback = LowRankProjectionCallback(rank_ratio=RATIO, bn_recalibration=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[callback])
+    trainer.fit(module)
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+    assert any(type(m).__name__ == "BatchNormAct2d" for m in norms)
+    assert {int(m.num_batches_tracked) for m in norms} == {2}
+    assert all(torch.isfinite(m.running_var).all() and (m.running_var >= 0).all() for m in norms)
+    (result,) = trainer.test(module, verbose=False)
+    assert torch.isfinite(torch.tensor(result["test_loss"]))
