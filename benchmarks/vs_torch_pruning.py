@@ -44,6 +44,7 @@ from lrpet_lightning import decompose_, project_low_rank_, solve_ranks
 from lrpet_lightning.core import FactorizedLayer, decomposed_ranks
 from lrpet_lightning.core.inference import (
     RANK_MULTIPLE,
+    GemmFactorizedConv,
     median_ratio,
     output_error,
     pad_rank,
@@ -143,6 +144,11 @@ def matched_torch_pruned(tp, dense: nn.Module, target: int, x: torch.Tensor,
     ratio = bisect(lambda r: flops(torch_pruned(tp, dense, x, r, round_to), x),
                    target, 0.0, 0.9)
     return torch_pruned(tp, dense, x, ratio, round_to)
+
+
+def gemm_layers(model: nn.Module) -> int:
+    """How many layers ``prepare_for_inference`` runs as two matrix products."""
+    return sum(isinstance(m, GemmFactorizedConv) for m in model.modules())
 
 
 def padded(model: nn.Module, multiple: int = RANK_MULTIPLE) -> nn.Module:
@@ -254,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, floa
                     ranks = decomposed_ranks(model)
                     note += (f"; {len(ranks)} of {len(decomposed_ranks(compact))} layers "
                              f"factorized ({sum(r != solution.ranks[n] for n, r in ranks.items())}"
-                             f" padded), channels_last {is_channels_last(model)}")
+                             f" padded, {gemm_layers(model)} as two matrix products), "
+                             f"channels_last {is_channels_last(model)}")
                 print(f"  {name:50s} {f:6.3f} {ratio:8.3f}  {note}")
             verdict(results[batch])
     print(f"\n{time.perf_counter() - start:.0f} s in all; load average at the end "

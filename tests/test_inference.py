@@ -322,3 +322,70 @@ def test_bad_arguments(kwargs, error, match) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 1))
     with pytest.raises(error, match=match):
         prepare_for_inference(model, torch.randn(1, 3, 4, 4), **kwargs)
+
+
+def _pointwise_model() -> nn.Module:
+    """Two 1x1 stride-1 convs (each with a BN) that :class:`GemmFactorizedConv` can run,
+    between a 3x3 and a strided 1x1 that it cannot."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+        nn.Conv2d(24, 16, 1, stride=2), nn.Flatten(), nn.LazyLinear(5),
+    )
+    model(torch.randn(1, 3, 8, 8))
+    with torch.no_grad():
+        _randomize_bns_(model)
+        decompose_(model, rank_ratio=0.4)
+    return model.eval()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gemm_form_is_exact(channels_last) -> None:
+    torch.manual_seed(0)
+    pair = factorized_type(nn.Conv2d(16, 32, 1)).from_dense(nn.Conv2d(16, 32, 1), 5)
+    x = torch.randn(3, 16, 7, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gemm = inference.GemmFactorizedConv.of(pair)
+    torch.testing.assert_close(gemm(x), pair(x), rtol=1e-5, atol=1e-6)
+    assert gemm.rank == pair.rank and gemm.state_dict().keys() == pair.state_dict().keys()
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(16, 32, 3), nn.Conv2d(16, 32, 1, stride=2), nn.Conv2d(16, 32, 1, padding=1),
+    nn.Conv1d(16, 32, 1),
+], ids=["3x3", "strided", "padded", "conv1d"])
+def test_gemm_form_refuses_what_it_does_not_compute(conv) -> None:
+    pair = factorized_type(conv).from_dense(conv, 4)
+    assert not inference.is_pointwise_pair(pair)
+    with pytest.raises(ValueError, match="layer must be a FactorizedConv of a 1x1"):
+        inference.GemmFactorizedConv.of(pair)
+
+
+def test_gemm_form_taken_where_it_is_fastest_and_the_mix_raced(monkeypatch) -> None:
+    model, x = _pointwise_model(), torch.randn(2, 3, 8, 8)
+    pointwise = [n for n, m in model.named_modules() if inference.is_pointwise_pair(m)]
+    assert len(pointwise) == 2  # the 3x3 and the strided 1x1 are not
+    raced: list[list[tuple]] = []
+
+    def layer_time(module: nn.Module) -> float:
+        if isinstance(module, inference.GemmFactorizedConv):
+            return 0.3
+        return 1.0 if isinstance(module, FactorizedLayer) else 2.0
+
+    def time_rounds(fns, repeats):
+        if fns[0].func is inference.run_forward:  # the whole-model race: the mix wins
+            raced.append([inference._layer_forms(fn.args[0]) for fn in fns])
+            return [[2.0] * repeats] * (len(fns) - 1) + [[1.0] * repeats]
+        return [[layer_time(fn.func)] * repeats for fn in fns]
+
+    monkeypatch.setattr(inference, "time_rounds", time_rounds)
+    prepared = prepare_for_inference(model, x, channels_last=True)
+    assert len(raced) == 1 and len(raced[0]) == 3  # all factorized, all dense, the mix
+    gemm = [n for n, m in prepared.named_modules()
+            if isinstance(m, inference.GemmFactorizedConv)]
+    assert gemm == pointwise
+    assert decomposed_ranks(prepared) == decomposed_ranks(model)
+    _assert_same_outputs(prepared, model, x)
