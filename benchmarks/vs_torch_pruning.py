@@ -11,9 +11,9 @@ rounds of its time relative to the dense model's in the same round:
 * ``ours``: every conv projected at the ranks ``solve_ranks(target_flops_reduction=0.535)``
   gives, then ``decompose_``; ``prepared`` = ``prepare_for_inference``; ``factorized`` =
   every layer factorized, BatchNorm folded (channels_last and contiguous; and with every
-  rank padded by zero channels to a multiple of 8, exact); ``ranks x8`` =
-  the same with every rank a multiple of 8 (what the ``rank_multiple`` option gives; here
-  explicit ``ranks=``, at a rank ratio re-solved for the same FLOPs);
+  rank padded by zero channels to a multiple of 8, exact); ``rank_multiple=8`` / ``16`` =
+  the ranks ``solve_ranks(rank_multiple=...)`` gives, its budget bisected to the same
+  FLOPs (rounding to multiples moves budget between layers);
 * ``torch-pruning``: ``tp.pruner.MetaPruner`` with L2 magnitude importance, global
   pruning, the final fc kept, the pruning ratio bisected until the FLOPs are within
   0.5 % of ours; with and without ``round_to=8``; BatchNorm folded.
@@ -51,7 +51,6 @@ from lrpet_lightning.core.inference import (
     prepare_for_inference,
     time_rounds,
 )
-from lrpet_lightning.core.linalg import factorization_pays
 from lrpet_lightning.core.report import count_flops
 
 TARGET_FLOPS_REDUCTION = 0.535
@@ -84,8 +83,8 @@ def ours(dense: nn.Module, ranks: Mapping[str, int], x: torch.Tensor) -> nn.Modu
 
 
 def bisect(fn: Callable[[float], float], target: float, low: float, high: float,
-           steps: int = 20, increasing: bool = False) -> float:
-    """The argument in [low, high] where the monotonic ``fn`` is within FLOPS_MATCH of
+           steps: int = 20) -> float:
+    """The argument in [low, high] where the decreasing ``fn`` is within FLOPS_MATCH of
     ``target`` (or the closest after ``steps`` halvings)."""
     best, best_gap = low, float("inf")
     for _ in range(steps):
@@ -96,35 +95,24 @@ def bisect(fn: Callable[[float], float], target: float, low: float, high: float,
             best, best_gap = mid, gap
         if gap <= FLOPS_MATCH / 2:
             break
-        low, high = (mid, high) if (value > target) != increasing else (low, mid)
+        low, high = (mid, high) if value > target else (low, mid)
     return best
 
 
 def ranks_multiple_of(dense: nn.Module, target: int, x: torch.Tensor,
-                      multiple: int = 8) -> dict[str, int]:
-    """Ranks that are multiples of ``multiple`` (at least ``multiple``), one rank ratio for
-    every conv, re-solved so that the decomposed model counts ``target`` FLOPs (priced
-    per layer from its dense count: a thin pair costs ``r * (rows + cols)`` per output
-    position against ``rows * cols``; a layer where that does not pay stays dense)."""
-    per_layer = count_flops(dense, x)
-    convs = {n: m for n, m in dense.named_modules()
-             if isinstance(m, nn.Conv2d) and m.groups == 1}
-    shape = {n: (m.out_channels, m.in_channels * m.kernel_size[0] * m.kernel_size[1])
-             for n, m in convs.items()}
+                      multiple: int) -> dict[str, int]:
+    """``solve_ranks(rank_multiple=multiple)``'s ranks, with the FLOPs reduction asked of it
+    bisected so that the decomposed model counts ``target`` FLOPs within ``FLOPS_MATCH``
+    (the solver meets a budget from below; rounding to multiples overshoots it)."""
+    def solved(reduction: float) -> dict[str, int]:
+        return solve_ranks(dense, x, target_flops_reduction=reduction,
+                           rank_multiple=multiple).ranks
 
-    def at(ratio: float) -> dict[str, int]:
-        return {n: max(multiple, round(ratio * min(rc) / multiple) * multiple)
-                for n, rc in shape.items()}
+    def counted(reduction: float) -> float:
+        return flops(ours(dense, solved(reduction), x), x)
 
-    def counted(ratio: float) -> float:
-        total = per_layer[""]
-        for n, r in at(ratio).items():
-            rows, cols = shape[n]
-            if factorization_pays(rows, cols, r):
-                total -= per_layer[n] * (1 - r * (rows + cols) / (rows * cols))
-        return total
-
-    return at(bisect(counted, target, 0.05, 0.95, increasing=True))
+    return solved(bisect(counted, target, TARGET_FLOPS_REDUCTION - 0.03,
+                         TARGET_FLOPS_REDUCTION, steps=8))
 
 
 def torch_pruned(tp, dense: nn.Module, x: torch.Tensor, ratio: float,
@@ -161,7 +149,7 @@ def padded(model: nn.Module, multiple: int = RANK_MULTIPLE) -> nn.Module:
 
 
 def build_variants(batch: int, dense: nn.Module, compact: nn.Module,
-                   compact8: nn.Module, pruned: dict[str, nn.Module],
+                   multiples: dict[int, nn.Module], pruned: dict[str, nn.Module],
                    repeats: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
     """``{name: (prepared model, the input it runs on)}`` at ``batch``."""
     x = torch.randn(batch, 3, SIZE, SIZE)
@@ -173,7 +161,6 @@ def build_variants(batch: int, dense: nn.Module, compact: nn.Module,
         return prepared, cl if channels_last else x
 
     prepared = prepare_for_inference(compact, x, repeats=repeats)
-    prepared8 = prepare_for_inference(compact8, x, repeats=repeats)
     variants = {
         "dense  BN folded, channels_last": folded(dense, True),
         "dense  BN folded, contiguous": folded(dense, False),
@@ -181,10 +168,13 @@ def build_variants(batch: int, dense: nn.Module, compact: nn.Module,
         "ours   factorized, channels_last": folded(compact, True),
         "ours   factorized, contiguous": folded(compact, False),
         "ours   factorized, ranks zero-padded to 8k (exact)": folded(padded(compact), True),
-        "ours   ranks x8, prepare_for_inference":
-            (prepared8, cl if is_channels_last(prepared8) else x),
-        "ours   ranks x8, factorized, channels_last": folded(compact8, True),
     }
+    for multiple, model in multiples.items():
+        fast = prepare_for_inference(model, x, repeats=repeats)
+        variants[f"ours   rank_multiple={multiple}, prepare_for_inference"] = (
+            fast, cl if is_channels_last(fast) else x)
+        variants[f"ours   rank_multiple={multiple}, factorized, channels_last"] = (
+            folded(model, True))
     for name, model in pruned.items():
         variants[f"{name}, channels_last"] = folded(model, True)
         variants[f"{name}, contiguous"] = folded(model, False)
@@ -223,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, floa
     solution = solve_ranks(dense, x1, target_flops_reduction=TARGET_FLOPS_REDUCTION)
     compact = ours(dense, solution.ranks, x1)
     target = flops(compact, x1)
-    compact8 = ours(dense, ranks_multiple_of(dense, target, x1), x1)
+    multiples = {m: ours(dense, ranks_multiple_of(dense, target, x1, m), x1) for m in (8, 16)}
     pruned = {
         "torch-pruning L2 global": matched_torch_pruned(tp, dense, target, x1, None),
         "torch-pruning L2 global round_to=8": matched_torch_pruned(tp, dense, target, x1, 8),
@@ -233,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, floa
 
     results: dict[int, dict[str, tuple[float, float]]] = {}
     for batch in args.batch_sizes:
-        variants = build_variants(batch, dense, compact, compact8, pruned,
+        variants = build_variants(batch, dense, compact, multiples, pruned,
                                   args.prepare_repeats)
         names = list(variants)
         with torch.inference_mode():
@@ -253,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, floa
                 results[batch][name] = (f, ratio)
                 note = ""
                 family = name.split()[0]
-                if family in expected and "x8" not in name:  # x8: other ranks, other weights
+                if family in expected and "multiple" not in name:  # other ranks and weights
                     error = output_error(model(xv), expected[family])
                     note = f"output rel err {error:.1e}"
                 if name == "ours   prepare_for_inference":

@@ -76,7 +76,8 @@ def test_vs_torch_pruning_quick(monkeypatch: pytest.MonkeyPatch,
     ours = flops["ours   factorized, channels_last"]
     assert ours == pytest.approx(1 - 0.535, abs=0.005)
     for name, f in flops.items():
-        if name.startswith("torch-pruning") or "x8" in name:
+        # (prepare_for_inference may make layers dense where that is faster: more FLOPs)
+        if name.startswith("torch-pruning") or ("rank_multiple" in name and "factorized" in name):
             assert f == pytest.approx(ours, rel=0.005), name
     assert "target: prepare_for_inference <= torch-pruning's best" in capsys.readouterr().out
 
