@@ -2,14 +2,16 @@
 
 torchvision ResNet-50 (``build_model("tv_resnet50")``, 1000 classes, random weights:
 latency does not depend on their values), every conv projected and decomposed at
-``--rank-ratio`` (0.38, as the presets use), both exported with
+``--rank-ratio`` (0.38, as the presets use; each rank rounded to a multiple of each
+``--rank-multiples``, one compact model each), all exported with
 :func:`lrpet_lightning.core.export.export_onnx` (dynamic batch, checked against PyTorch)
-and run in onnxruntime at 224x224 for each ``--batch-sizes``. The two sessions run
-interleaved, one run of each per round, so that load from other processes hits both alike;
-the ratio printed is the median over rounds of compact/dense. The target of issue 16 is
+and run in onnxruntime at 224x224 for each ``--batch-sizes``. The sessions run
+interleaved, one run of each per round, so that load from other processes hits all alike;
+each ratio printed is the median over rounds of compact/dense. The target of issue 16 is
 a ratio <= 0.50 at batch 1.
 
 Run:  python benchmarks/onnx_runtime.py [--batch-sizes 1 16] [--rounds 20] [--threads 2]
+      [--rank-multiples 1 16] [--target-flops-reduction 0.535] [--torch-pruning]
       [--allow-spinning]
 """
 
@@ -28,21 +30,30 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from lrpet_lightning import compression_report, decompose_, project_low_rank_
+from lrpet_lightning import decompose_, project_low_rank_, solve_ranks
 from lrpet_lightning.core.export import export_onnx
+from lrpet_lightning.core.report import count_flops
 from lrpet_lightning.models import build_model
 
 SIZE = 224
 
 
-def dense_and_compact(rank_ratio: float) -> tuple[nn.Module, nn.Module]:
-    """(dense, compact) ResNet-50 in eval mode; compact = projected then decomposed."""
+def dense_and_compact(rank_ratio: float, rank_multiple: int = 1,
+                      target_flops_reduction: float | None = None
+                      ) -> tuple[nn.Module, nn.Module]:
+    """(dense, compact) ResNet-50 in eval mode; compact = projected then decomposed, at
+    ``rank_ratio`` or, when given, at the ranks ``solve_ranks`` finds for the budget."""
     torch.manual_seed(0)
     dense = build_model("tv_resnet50", num_classes=1000).eval()
     compact = copy.deepcopy(dense)
     x = torch.randn(2, 3, SIZE, SIZE)
-    project_low_rank_(compact, rank_ratio=rank_ratio, example_inputs=x)
-    decompose_(compact, rank_ratio=rank_ratio)
+    if target_flops_reduction is None:
+        ranks = {"rank_ratio": rank_ratio, "rank_multiple": rank_multiple}
+    else:
+        ranks = {"ranks": solve_ranks(dense, x[:1], rank_multiple=rank_multiple,
+                                      target_flops_reduction=target_flops_reduction).ranks}
+    project_low_rank_(compact, example_inputs=x, **ranks)
+    decompose_(compact, **ranks)
     return dense, compact.eval()
 
 
@@ -80,37 +91,60 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--target-flops-reduction", type=float, default=None,
+                        help="solve the ranks for this budget instead of --rank-ratio")
+    parser.add_argument("--rank-multiples", type=int, nargs="+", default=[1],
+                        help="one compact model with ranks rounded to each multiple")
+    parser.add_argument("--torch-pruning", action="store_true",
+                        help="also Torch-Pruning's models (L2 global, round_to=8 and 16) at "
+                             "the first compact model's FLOPs (needs the bench extra)")
     parser.add_argument("--allow-spinning", action="store_true",
                         help="onnxruntime's default spin-waiting threads (off: a shared machine)")
     parser.add_argument("--keep", default=None, help="folder for the .onnx files (default: a "
                                                       "temporary one, removed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    dense, compact = dense_and_compact(args.rank_ratio)
-    report = compression_report(dense, compact, torch.randn(1, 3, SIZE, SIZE))
+    models = {}
+    for multiple in args.rank_multiples:
+        dense, models[f"compact, rank_multiple={multiple}"] = dense_and_compact(
+            args.rank_ratio, multiple, args.target_flops_reduction)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    if args.torch_pruning:
+        import torch_pruning as tp
+        from vs_torch_pruning import matched_torch_pruned
+
+        first = count_flops(next(iter(models.values())), x)[""]
+        for round_to in (8, 16):
+            models[f"torch-pruning L2 global round_to={round_to}"] = matched_torch_pruned(
+                tp, dense, first, x, round_to=round_to)
+    dense_flops = count_flops(dense, x)[""]
+    flops = {name: count_flops(m, x)[""] / dense_flops for name, m in models.items()}
+    models = {"dense": dense, **models}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep or tmp)
-        x = torch.randn(1, 3, SIZE, SIZE)
-        files = [export_onnx(m, x, folder / f"{name}.onnx")
-                 for name, m in (("dense", dense), ("compact", compact))]
-        sizes = [f.stat().st_size / 2**20 for f in files]
-        sessions = [session(f, args.threads, args.allow_spinning) for f in files]
-        print(f"torchvision ResNet-50, rank_ratio {args.rank_ratio}, onnxruntime "
+        files = {name: export_onnx(m, x, folder / f"model{i}.onnx")
+                 for i, (name, m) in enumerate(models.items())}
+        sessions = [session(f, args.threads, args.allow_spinning) for f in files.values()]
+        ranks = (f"rank_ratio {args.rank_ratio}" if args.target_flops_reduction is None
+                 else f"target_flops_reduction {args.target_flops_reduction}")
+        print(f"torchvision ResNet-50, {ranks}, onnxruntime "
               f"{ort.__version__}, CPU, {args.threads} thread(s), spinning "
               f"{'on' if args.allow_spinning else 'off'}, load average "
               f"{os.getloadavg()[0]:.1f} at the start")
-        print(f"  FLOPs ratio compact/dense {report.compact_flops / report.dense_flops:.3f}; "
-              f"file sizes dense {sizes[0]:.1f} MiB, compact {sizes[1]:.1f} MiB")
+        for name, f in files.items():
+            ratio = "" if name == "dense" else (
+                f", FLOPs ratio {flops[name]:.3f}")
+            print(f"  {name}: file {f.stat().st_size / 2**20:.1f} MiB{ratio}")
         for batch in args.batch_sizes:
             xb = np.random.default_rng(0).standard_normal(
                 (batch, 3, SIZE, SIZE), dtype=np.float32)
-            t_dense, t_compact = interleaved(sessions, xb, args.rounds)
-            ratio = statistics.median(c / d for c, d in zip(t_compact, t_dense, strict=True))
-            print(f"  batch {batch:3d}: dense {statistics.median(t_dense) * 1e3:8.1f} ms, "
-                  f"compact {statistics.median(t_compact) * 1e3:8.1f} ms (medians), "
-                  f"median ratio compact/dense {ratio:.3f}; load average "
-                  f"{os.getloadavg()[0]:.1f}")
-
+            times = interleaved(sessions, xb, args.rounds)
+            print(f"  batch {batch:3d}: dense {statistics.median(times[0]) * 1e3:8.1f} ms "
+                  f"(median); load average {os.getloadavg()[0]:.1f}")
+            for name, t in zip(list(files)[1:], times[1:], strict=True):
+                ratio = statistics.median(c / d for c, d in zip(t, times[0], strict=True))
+                print(f"    {name}: {statistics.median(t) * 1e3:8.1f} ms, "
+                      f"median ratio to dense {ratio:.3f}")
 
 if __name__ == "__main__":
     main()
