@@ -41,13 +41,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lrpet_lightning import decompose_, project_low_rank_, solve_ranks
-from lrpet_lightning.core import FactorizedLayer, decomposed_ranks
+from lrpet_lightning.core import decomposed_ranks
 from lrpet_lightning.core.inference import (
-    RANK_MULTIPLE,
     GemmFactorizedConv,
     median_ratio,
     output_error,
-    pad_rank,
+    pad_ranks,
     prepare_for_inference,
     time_rounds,
 )
@@ -139,15 +138,6 @@ def gemm_layers(model: nn.Module) -> int:
     return sum(isinstance(m, GemmFactorizedConv) for m in model.modules())
 
 
-def padded(model: nn.Module, multiple: int = RANK_MULTIPLE) -> nn.Module:
-    """A copy of ``model`` with every factorized layer's rank padded to ``multiple``."""
-    model = copy.deepcopy(model)
-    for name, layer in list(model.named_modules()):
-        if isinstance(layer, FactorizedLayer) and layer.rank % multiple:
-            model.set_submodule(name, pad_rank(layer, multiple))
-    return model
-
-
 def build_variants(batch: int, dense: nn.Module, compact: nn.Module,
                    multiples: dict[int, nn.Module], pruned: dict[str, nn.Module],
                    repeats: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -167,7 +157,7 @@ def build_variants(batch: int, dense: nn.Module, compact: nn.Module,
         "ours   prepare_for_inference": (prepared, cl if is_channels_last(prepared) else x),
         "ours   factorized, channels_last": folded(compact, True),
         "ours   factorized, contiguous": folded(compact, False),
-        "ours   factorized, ranks zero-padded to 8k (exact)": folded(padded(compact), True),
+        "ours   factorized, ranks zero-padded to 8k (exact)": folded(pad_ranks(compact), True),
     }
     for multiple, model in multiples.items():
         fast = prepare_for_inference(model, x, repeats=repeats)

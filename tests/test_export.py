@@ -47,6 +47,37 @@ def test_decomposed_resnet20_exports_and_matches_pytorch_at_any_batch_size(
     assert check.max_abs < 1e-4 and check.max_rel < 1e-3
 
 
+def _conv_widths(path: Path) -> list[int]:
+    """Output channels of every Conv weight in the file, in graph order."""
+    graph = onnx.load(path).graph
+    weights = {t.name: t.dims for t in graph.initializer}
+    return [weights[n.input[1]][0] for n in graph.node
+            if n.op_type == "Conv" and n.input[1] in weights]
+
+
+@pytest.mark.parametrize("multiple", [1, 8, 16])
+def test_ranks_are_zero_padded_in_the_file_and_the_outputs_kept(
+        resnet20: nn.Module, tmp_path: Path, multiple: int) -> None:
+    from lrpet_lightning.core import decomposed_ranks
+
+    ranks = decomposed_ranks(resnet20)
+    assert any(r % 8 for r in ranks.values())  # rank_ratio 0.4 of 16/32/64: 6, 13, 26
+    before = {k: v.clone() for k, v in resnet20.state_dict().items()}
+    path = export_onnx(resnet20, torch.randn(1, 3, 32, 32), tmp_path / "r20.onnx",
+                       rank_multiple=multiple)
+    widths = _conv_widths(path)
+    padded = sorted({-(-r // multiple) * multiple for r in ranks.values()})
+    for rank in padded:  # each first thin conv's width, padded
+        assert rank in widths
+    if multiple > 1:
+        assert not {r for r in ranks.values() if r % multiple} & set(widths)
+    # The model is untouched, and the file computes what it does (checked inside too).
+    assert decomposed_ranks(resnet20) == ranks
+    assert all(torch.equal(v, before[k]) for k, v in resnet20.state_dict().items())
+    check = check_onnx(path, resnet20.eval(), [(torch.randn(3, 3, 32, 32),)])
+    assert check.passed and check.max_abs < 1e-4
+
+
 def test_a_file_that_computes_something_else_is_not_kept(
         resnet20: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = ort.InferenceSession.run
@@ -81,6 +112,8 @@ def test_bad_arguments_and_missing_packages(tmp_path: Path,
         export_onnx(model, x, out, opset="18")
     with pytest.raises(ValueError, match="rtol must be a number >= 0.0"):
         export_onnx(model, x, out, rtol=-1.0)
+    with pytest.raises(ValueError, match="rank_multiple must be .*>= 1.*got 0"):
+        export_onnx(model, x, out, rank_multiple=0)
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(ImportError, match=r"needs onnxscript.*\.\[export\]"):
         export_onnx(model, x, out)
@@ -107,6 +140,17 @@ def test_lrpet_export_of_a_trained_run(cfg_tiny, tmp_path: Path, capsys: pytest.
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "OpenVINO is not installed" in printed
     assert out.is_file() and not out.with_suffix(".xml").exists()
+
+    # Ranks padded to multiples of 8 by default; --rank-multiple 1 keeps them as trained.
+    from lrpet_lightning.app.compact import load_compact_model
+    from lrpet_lightning.core import decomposed_ranks
+
+    ranks = set(decomposed_ranks(load_compact_model(pt)).values())
+    assert any(r % 8 for r in ranks)
+    as_trained = tmp_path / "as_trained.onnx"
+    main([str(pt), "--out", str(as_trained), "--rank-multiple", "1"])
+    assert ranks <= set(_conv_widths(as_trained))
+    assert not {r for r in ranks if r % 8} & set(_conv_widths(pt.with_suffix(".onnx")))
 
 
 @pytest.mark.parametrize(("make", "message"), [

@@ -19,6 +19,7 @@ from lrpet_lightning.app.compact import load_compact_model
 from lrpet_lightning.core.checkpoint import read_compact
 from lrpet_lightning.core.checks import check_int
 from lrpet_lightning.core.export import ATOL, RTOL, OnnxMismatchError, check_onnx, export_onnx
+from lrpet_lightning.core.inference import RANK_MULTIPLE
 
 __all__ = ["compact_path", "export_run", "main"]
 
@@ -54,8 +55,10 @@ def _example_input(path: Path, batch_size: int, image_size: int | None) -> torch
 
 def export_run(run_dir_or_file: str | os.PathLike, out: str | os.PathLike | None = None, *,
                batch_size: int = 1, image_size: int | None = None,
-               openvino: bool = False) -> dict[str, object]:
-    """Export a run's compact model to ONNX (checked in onnxruntime), optionally OpenVINO.
+               openvino: bool = False, rank_multiple: int = RANK_MULTIPLE) -> dict[str, object]:
+    """Export a run's compact model to ONNX (checked in onnxruntime), optionally OpenVINO;
+    factorized ranks zero-padded to multiples of ``rank_multiple`` in the file
+    (:func:`~lrpet_lightning.core.export.export_onnx`).
 
     Returns:
         ``{"onnx": Path, "check": OnnxCheck, "openvino": Path | str | None}`` — for OpenVINO
@@ -72,7 +75,7 @@ def export_run(run_dir_or_file: str | os.PathLike, out: str | os.PathLike | None
     model = load_compact_model(path, check_inputs=image_size is None)
     x = _example_input(path, batch_size, image_size)
     onnx_path = Path(out) if out is not None else path.with_suffix(".onnx")
-    export_onnx(model, x, onnx_path)
+    export_onnx(model, x, onnx_path, rank_multiple=rank_multiple)
     check = check_onnx(onnx_path, model, [(x,)])
     result: dict[str, object] = {"onnx": onnx_path, "check": check, "openvino": None}
     if openvino:
@@ -121,13 +124,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="batch size of the example input (the file takes any)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="input height = width (default: the run's recorded image size)")
+    parser.add_argument("--rank-multiple", type=int, default=RANK_MULTIPLE,
+                        help="zero-pad each factorized rank to a multiple of it in the file "
+                             "(same outputs, faster in onnxruntime; 1: as trained)")
     parser.add_argument("--openvino", action="store_true",
                         help="also write OpenVINO IR (.xml/.bin), if openvino is installed")
     args = parser.parse_args(argv)
     try:
         result = export_run(args.source, args.out, batch_size=args.batch_size,
                             image_size=args.image_size,
-                            openvino=args.openvino)
+                            openvino=args.openvino, rank_multiple=args.rank_multiple)
     except (FileNotFoundError, ValueError, TypeError, ImportError, OnnxMismatchError) as err:
         parser.error(str(err))
     onnx_path, check, ov = result["onnx"], result["check"], result["openvino"]

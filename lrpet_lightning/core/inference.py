@@ -34,7 +34,8 @@ from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer
 
 __all__ = ["FASTER_MARGIN", "RANK_MULTIPLE", "GemmFactorizedConv", "fold_batchnorms_",
            "is_pointwise_pair", "median_ratio", "output_error", "output_rtol", "pad_rank",
-           "prepare_for_inference", "race", "tensor_leaves", "time_rounds", "use_faster_forms_"]
+           "pad_ranks", "prepare_for_inference", "race", "tensor_leaves", "time_rounds",
+           "use_faster_forms_"]
 
 
 def prepare_for_inference(
@@ -449,6 +450,26 @@ def pad_rank(layer: FactorizedLayer, multiple: int) -> FactorizedLayer:
         if hasattr(module, attr):
             setattr(module, attr, rank)
     return type(layer)(first, second)
+
+
+def pad_ranks(model: nn.Module, multiple: int = RANK_MULTIPLE) -> nn.Module:
+    """``model`` itself when every factorized layer's rank is a multiple of ``multiple``,
+    else a copy with each other one padded by :func:`pad_rank` (the same outputs).
+
+    >>> from lrpet_lightning.core.factorized import FactorizedConv
+    >>> net = nn.Sequential(FactorizedConv.from_dense(nn.Conv2d(16, 32, 3), 5))
+    >>> pad_ranks(net, 8)[0].rank, net[0].rank, pad_ranks(net, 5) is net
+    (8, 5, True)
+    """
+    check_int("multiple", multiple, minimum=1, meaning="the ranks are rounded up to this")
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, FactorizedLayer) and m.rank % multiple]
+    if not names:
+        return model
+    padded = copy.deepcopy(model)
+    for name in names:
+        padded.set_submodule(name, pad_rank(padded.get_submodule(name), multiple))
+    return padded
 
 
 #: A form other than the one with the fewest FLOPs (the cost model's pick) is taken only
