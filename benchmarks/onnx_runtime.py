@@ -5,14 +5,18 @@ latency does not depend on their values), every conv projected and decomposed at
 ``--rank-ratio`` (0.38, as the presets use; each rank rounded to a multiple of each
 ``--rank-multiples``, one compact model each), all exported with
 :func:`lrpet_lightning.core.export.export_onnx` (dynamic batch, checked against PyTorch)
-and run in onnxruntime at 224x224 for each ``--batch-sizes``. The sessions run
-interleaved, one run of each per round, so that load from other processes hits all alike;
-each ratio printed is the median over rounds of compact/dense. The target of issue 16 is
-a ratio <= 0.50 at batch 1.
+(factorized ranks zero-padded to multiples of 8 in the file, as ``export_onnx`` does by
+default; the first compact model also unpadded) and run in onnxruntime — with
+``--openvino`` also in OpenVINO's CPU plugin, in f32 and in its default precision (bf16
+where the CPU has bf16 units) — at 224x224 for each ``--batch-sizes``. The
+models run interleaved, one run of each per round, so that load from other processes hits
+all alike; each ratio printed is the median over rounds of compact/dense. ``--torch-pruning``
+adds Torch-Pruning's models (L2 global, ``round_to=8`` and ``16``) at the first compact
+model's FLOPs. The target of issue 16 is a ratio <= 0.50 at batch 1 in both runtimes.
 
 Run:  python benchmarks/onnx_runtime.py [--batch-sizes 1 16] [--rounds 20] [--threads 2]
       [--rank-multiples 1 16] [--target-flops-reduction 0.535] [--torch-pruning]
-      [--allow-spinning]
+      [--openvino] [--allow-spinning]
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -70,20 +76,41 @@ def session(path: Path, threads: int, spinning: bool) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def interleaved(sessions: list[ort.InferenceSession], x: np.ndarray,
-                rounds: int) -> list[list[float]]:
-    """Wall time of each session per round (after two warm-up runs each)."""
-    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
-    for s, feed in zip(sessions, feeds, strict=True):
-        s.run(None, feed)
-        s.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
+def interleaved(runs: list[Callable[[], object]], rounds: int) -> list[list[float]]:
+    """Wall time of each run per round (after two warm-up calls each)."""
+    for run in runs:
+        run()
+        run()
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(rounds):
-        for i, (s, feed) in enumerate(zip(sessions, feeds, strict=True)):
+        for i, run in enumerate(runs):
             start = time.perf_counter()
-            s.run(None, feed)
+            run()
             times[i].append(time.perf_counter() - start)
     return times
+
+
+def ort_run(s: ort.InferenceSession, x: np.ndarray) -> Callable[[], object]:
+    feed = {s.get_inputs()[0].name: x}
+    return lambda: s.run(None, feed)
+
+
+def openvino_models(files: list[Path], threads: int, precision: str | None) -> list[Any]:
+    """Each ONNX file compiled by OpenVINO for its CPU plugin (latency hint, ``threads``);
+    ``precision`` ``"f32"``, or ``None`` for OpenVINO's default (bf16 on CPUs with bf16
+    units, such as AMX)."""
+    import openvino as ov
+
+    core = ov.Core()
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    return [core.compile_model(os.fspath(f), "CPU", config) for f in files]
+
+
+def ov_run(compiled: Any, x: np.ndarray) -> Callable[[], object]:
+    request = compiled.create_infer_request()
+    return lambda: request.infer([x])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-pruning", action="store_true",
                         help="also Torch-Pruning's models (L2 global, round_to=8 and 16) at "
                              "the first compact model's FLOPs (needs the bench extra)")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also time the same files in OpenVINO's CPU plugin (pip install "
+                             "openvino)")
     parser.add_argument("--allow-spinning", action="store_true",
                         help="onnxruntime's default spin-waiting threads (off: a shared machine)")
     parser.add_argument("--keep", default=None, help="folder for the .onnx files (default: a "
@@ -134,6 +164,14 @@ def main(argv: list[str] | None = None) -> None:
         for name in list(models)[1:]:  # what runs: the file's (padded) ranks
             flops[name] = count_flops(pad_ranks(models[name]), x)[""] / dense_flops
         sessions = [session(f, args.threads, args.allow_spinning) for f in files.values()]
+        compiled, openvino_version = {}, None
+        if args.openvino:
+            import openvino
+
+            openvino_version = openvino.__version__.split("-")[0]
+            compiled = {label: openvino_models(list(files.values()), args.threads, precision)
+                        for label, precision in (("f32", "f32"),
+                                                 ("its default precision", None))}
         ranks = (f"rank_ratio {args.rank_ratio}" if args.target_flops_reduction is None
                  else f"target_flops_reduction {args.target_flops_reduction}")
         print(f"torchvision ResNet-50, {ranks}, onnxruntime "
@@ -147,13 +185,19 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batch_sizes:
             xb = np.random.default_rng(0).standard_normal(
                 (batch, 3, SIZE, SIZE), dtype=np.float32)
-            times = interleaved(sessions, xb, args.rounds)
-            print(f"  batch {batch:3d}: dense {statistics.median(times[0]) * 1e3:8.1f} ms "
-                  f"(median); load average {os.getloadavg()[0]:.1f}")
-            for name, t in zip(list(files)[1:], times[1:], strict=True):
-                ratio = statistics.median(c / d for c, d in zip(t, times[0], strict=True))
-                print(f"    {name}: {statistics.median(t) * 1e3:8.1f} ms, "
-                      f"median ratio to dense {ratio:.3f}")
+            runtimes = {"onnxruntime": [ort_run(s, xb) for s in sessions]}
+            for precision, models_ in compiled.items():
+                runtimes[f"OpenVINO {openvino_version}, {precision}"] = [
+                    ov_run(c, xb) for c in models_]
+            for runtime, runs in runtimes.items():
+                times = interleaved(runs, args.rounds)
+                print(f"  batch {batch:3d}, {runtime}: dense "
+                      f"{statistics.median(times[0]) * 1e3:8.1f} ms (median); load average "
+                      f"{os.getloadavg()[0]:.1f}")
+                for name, t in zip(list(files)[1:], times[1:], strict=True):
+                    ratio = statistics.median(c / d for c, d in zip(t, times[0], strict=True))
+                    print(f"    {name}: {statistics.median(t) * 1e3:8.1f} ms, "
+                          f"median ratio to dense {ratio:.3f}")
 
 if __name__ == "__main__":
     main()
