@@ -232,3 +232,21 @@ def test_float32_converges_on_a_trained_resnet_layer_shape() -> None:
     assert t is not None
     truth = _truncation(top_singular_triplets(M, r, "exact"))
     assert (_truncation(t) - truth).norm() / truth.norm() < 1e-5
+
+
+@pytest.mark.parametrize(("bounds", "steps"), [
+    ([5e-6], 1),               # far below tol: accepted at once
+    ([1.4e-5, 5e-6], 2),       # just below tol while still falling fast: one more step
+    ([1.4e-5, 1.3e-5], 2),     # at its round-off floor (no longer falling): accepted
+    ([3e-5, 1.4e-5, 1.2e-5], 3),
+])
+def test_a_bound_just_below_tol_takes_one_more_step_while_it_falls(
+        bounds: list[float], steps: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrpet_lightning.core import linalg
+
+    calls = iter(bounds)
+    monkeypatch.setattr(linalg, "ritz_angle_bound", lambda lam, resid, r: next(calls))
+    M = _gapped(96, 300, 20).float()
+    assert linalg.SUBSPACE_TOL[torch.float32] == 1.5e-5
+    assert subspace_triplets(M, 20) is not None
+    assert len(list(calls)) == 0 and len(bounds) == steps
