@@ -222,3 +222,14 @@ def test_real_openvino_ir_of_a_decomposed_model_matches_pytorch(
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(compiled(x4.numpy())[0]), resnet20(x4),
                                    rtol=1e-3, atol=1e-4)
+
+
+def test_a_dynamic_batch_export_from_a_batch_of_one(tmp_path: Path) -> None:
+    # torch.export makes a size-1 dimension a constant; timm's ConvNeXt then failed to
+    # export with a dynamic batch from a batch-1 example (lrpet-export's default).
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("convnext_atto", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    path = export_onnx(model, x, tmp_path / "convnext.onnx")
+    check = check_onnx(path, model, [(x,), (torch.randn(3, 3, 64, 64),)])
+    assert check.passed and check.batch_sizes == (1, 3)

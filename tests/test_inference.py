@@ -389,3 +389,64 @@ def test_gemm_form_taken_where_it_is_fastest_and_the_mix_raced(monkeypatch) -> N
     assert gemm == pointwise
     assert decomposed_ranks(prepared) == decomposed_ranks(model)
     _assert_same_outputs(prepared, model, x)
+
+
+def _hand_built_pairs() -> dict[str, nn.Module]:
+    """Factorized convs built by hand, not by decompose_: what pad_rank and the matrix
+    products must not take for plain pairs."""
+    from lrpet_lightning.core.factorized import FactorizedConv
+
+    torch.manual_seed(0)
+    return {
+        "grouped-first": FactorizedConv(nn.Conv2d(16, 6, 3, groups=2, bias=False),
+                                        nn.Conv2d(6, 32, 1)),
+        "biased-first": FactorizedConv(nn.Conv2d(16, 6, 1), nn.Conv2d(6, 32, 1)),
+        "grouped-second": FactorizedConv(nn.Conv2d(16, 6, 1, bias=False),
+                                         nn.Conv2d(6, 32, 1, groups=2)),
+        "weight-norm": FactorizedConv(
+            nn.utils.parametrizations.weight_norm(nn.Conv2d(16, 6, 1, bias=False)),
+            nn.Conv2d(6, 32, 1)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_hand_built_pairs()))
+def test_pairs_that_are_not_plain_are_refused_or_left_alone(name: str) -> None:
+    layer = _hand_built_pairs()[name]
+    assert not inference.is_plain_pair(layer) and not inference.is_pointwise_pair(layer)
+    with pytest.raises(ValueError, match="plain thin layers"):
+        inference.pad_rank(layer, 8)
+    with pytest.raises(ValueError, match="layer must be a FactorizedConv of a 1x1"):
+        inference.GemmFactorizedConv.of(layer)
+    net = nn.Sequential(layer)
+    assert inference.pad_ranks(net, 8) is net  # left as it is: same outputs
+
+
+def test_gemm_form_checks_its_layer_and_takes_unbatched_inputs() -> None:
+    from lrpet_lightning.core.factorized import FactorizedConv
+
+    with pytest.raises(ValueError, match="layer must be a FactorizedConv of a 1x1"):
+        inference.GemmFactorizedConv.from_dense(nn.Conv2d(16, 32, 1, stride=2), 4)
+    pair = FactorizedConv.from_dense(nn.Conv2d(16, 32, 1), 4)
+    gemm = inference.GemmFactorizedConv.of(pair)
+    x = torch.randn(16, 5, 7)  # (C, H, W), as Conv2d takes it
+    torch.testing.assert_close(gemm(x), pair(x))
+
+
+def test_gemm_form_not_offered_where_a_thin_conv_has_a_hook(monkeypatch) -> None:
+    # The matrix products never call the thin convs: a hook there (feature extraction)
+    # would silently stop running.
+    model, x = _pointwise_model(), torch.randn(2, 3, 8, 8)
+    seen = []
+    hooked = next(m for m in model.modules() if inference.is_pointwise_pair(m))
+    hooked.first.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+
+    def layer_time(module: nn.Module) -> float:
+        return 0.1 if isinstance(module, inference.GemmFactorizedConv) else 1.0
+
+    monkeypatch.setattr(inference, "time_rounds", _fake_timer(layer_time))
+    prepared = prepare_for_inference(model, x, channels_last=True)
+    gemm = [m for m in prepared.modules() if isinstance(m, inference.GemmFactorizedConv)]
+    assert len(gemm) == 1  # the other pointwise pair only
+    seen.clear()
+    prepared(x)
+    assert len(seen) == 1

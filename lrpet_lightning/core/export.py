@@ -200,8 +200,14 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with eval_mode(model):  # every module's own training flag comes back afterwards
-        _export(pad_ranks(model, rank_multiple), args, path, opset, dynamic_batch)
         n = int(args[0].shape[0])
+        traced = args
+        if dynamic_batch and n == 1:
+            # torch.export specializes a dimension of size 1 to a constant, and then a
+            # dynamic batch fails on many models (timm ConvNeXt, torchvision MobileNetV2):
+            # export on the example repeated to a batch of 2; the file is checked at 1.
+            traced = tuple(a.expand(2, *a.shape[1:]).clone() for a in args)
+        _export(pad_ranks(model, rank_multiple), traced, path, opset, dynamic_batch)
         inputs = [args, _like(args, n, seed=0)]
         if dynamic_batch:
             inputs.append(_like(args, 2 if n == 1 else 1, seed=1))

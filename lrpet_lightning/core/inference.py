@@ -33,8 +33,8 @@ from lrpet_lightning.core.trace import BNPairTracer, run_forward
 from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer
 
 __all__ = ["FASTER_MARGIN", "RANK_MULTIPLE", "GemmFactorizedConv", "fold_batchnorms_",
-           "is_pointwise_pair", "median_ratio", "output_error", "output_rtol", "pad_rank",
-           "pad_ranks", "prepare_for_inference", "race", "tensor_leaves", "time_rounds",
+           "is_plain_pair", "is_pointwise_pair", "median_ratio", "output_error", "output_rtol",
+           "pad_rank", "pad_ranks", "prepare_for_inference", "race", "tensor_leaves", "time_rounds",
            "use_faster_forms_"]
 
 
@@ -364,9 +364,11 @@ def use_faster_forms_(
         if name not in inputs:  # it never ran
             continue
         forms[name] = [layer]
-        if layer.rank % RANK_MULTIPLE:
+        if layer.rank % RANK_MULTIPLE and is_plain_pair(layer):
             forms[name].append(pad_rank(layer, RANK_MULTIPLE))
-        if is_pointwise_pair(layer) and inputs[name].dim() == 4:
+        if (is_pointwise_pair(layer) and inputs[name].dim() == 4
+                and not _has_hooks(layer.first) and not _has_hooks(layer.second)):
+            # (the matrix products do not call the thin convs: their hooks would not run)
             forms[name].append(GemmFactorizedConv.of(layer))
         forms[name].append(layer.to_dense())
         if channels_last:
@@ -397,28 +399,53 @@ class GemmFactorizedConv(FactorizedConv):
     True
     """
 
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__(first, second)
+        if not is_pointwise_pair(self):
+            raise ValueError(f"layer must be a FactorizedConv of a 1x1, stride-1, unpadded "
+                             f"Conv2d (groups 1, no bias on the first conv), got "
+                             f"{FactorizedConv(first, second)!r}")
+
     @classmethod
     def of(cls, layer: FactorizedConv) -> GemmFactorizedConv:
         """A copy of ``layer`` (see :func:`is_pointwise_pair`) in this form."""
-        if not is_pointwise_pair(layer):
+        if not isinstance(layer, FactorizedConv):
             raise ValueError(f"layer must be a FactorizedConv of a 1x1, stride-1, unpadded "
-                             f"Conv2d, got {layer!r}")
+                             f"Conv2d, got {type(layer).__name__}")
         return cls(copy.deepcopy(layer.first), copy.deepcopy(layer.second))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:  # an unbatched (C, H, W) input: the convs take it as they are
+            return self.second(self.first(x))
         y = F.linear(x.permute(0, 2, 3, 1), self.first.weight.flatten(1))
         y = F.linear(y, self.second.weight.flatten(1), self.second.bias)
         return y.permute(0, 3, 1, 2)
 
 
+def is_plain_pair(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a factorized layer as ``decompose_`` builds it — plain thin
+    convs or linears, groups 1, no bias on the first, no parametrization — which is what
+    :func:`pad_rank` and :class:`GemmFactorizedConv` assume."""
+    if not isinstance(layer, FactorizedLayer):
+        return False
+    parts = (layer.first, layer.second)
+    return (getattr(layer.first, "bias", None) is None
+            and all(type(m) in (*CONV_TYPES, nn.Linear) and getattr(m, "groups", 1) == 1
+                    and not hasattr(m, "parametrizations") for m in parts))
+
+
 def is_pointwise_pair(layer: nn.Module) -> bool:
     """Whether ``layer`` is a factorized 1x1 Conv2d that :class:`GemmFactorizedConv` runs."""
-    if not isinstance(layer, FactorizedConv):
+    if not isinstance(layer, FactorizedConv) or not is_plain_pair(layer):
         return False
     first, second = layer.first, layer.second
-    return (type(first) is nn.Conv2d and type(second) is nn.Conv2d and first.bias is None
+    return (type(first) is nn.Conv2d and type(second) is nn.Conv2d
             and all(c.kernel_size == (1, 1) and c.stride == (1, 1) and c.dilation == (1, 1)
-                    and c.padding in ((0, 0), "valid") and c.groups == 1 for c in (first, second)))
+                    and c.padding in ((0, 0), "valid") for c in (first, second)))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _layer_forms(model: nn.Module) -> dict[str, tuple[type, int]]:
@@ -436,6 +463,10 @@ def pad_rank(layer: FactorizedLayer, multiple: int) -> FactorizedLayer:
     8
     """
     check_int("multiple", multiple, minimum=1, meaning="the rank is rounded up to this")
+    if not is_plain_pair(layer):
+        raise ValueError(f"layer must be a factorized layer of plain thin layers (groups 1, "
+                         f"no bias on the first, no parametrization) to pad its rank, got "
+                         f"{layer!r}")
     first, second = copy.deepcopy(layer.first), copy.deepcopy(layer.second)
     extra = -layer.rank % multiple
     w1, w2 = first.weight, second.weight
@@ -454,7 +485,9 @@ def pad_rank(layer: FactorizedLayer, multiple: int) -> FactorizedLayer:
 
 def pad_ranks(model: nn.Module, multiple: int = RANK_MULTIPLE) -> nn.Module:
     """``model`` itself when every factorized layer's rank is a multiple of ``multiple``,
-    else a copy with each other one padded by :func:`pad_rank` (the same outputs).
+    else a copy with each other one padded by :func:`pad_rank` (the same outputs). Layers
+    that are not plain pairs (:func:`is_plain_pair`: built by hand with groups, a bias on
+    the first thin layer or a parametrization) are left as they are.
 
     >>> from lrpet_lightning.core.factorized import FactorizedConv
     >>> net = nn.Sequential(FactorizedConv.from_dense(nn.Conv2d(16, 32, 3), 5))
@@ -463,7 +496,7 @@ def pad_ranks(model: nn.Module, multiple: int = RANK_MULTIPLE) -> nn.Module:
     """
     check_int("multiple", multiple, minimum=1, meaning="the ranks are rounded up to this")
     names = [n for n, m in model.named_modules()
-             if isinstance(m, FactorizedLayer) and m.rank % multiple]
+             if isinstance(m, FactorizedLayer) and m.rank % multiple and is_plain_pair(m)]
     if not names:
         return model
     padded = copy.deepcopy(model)

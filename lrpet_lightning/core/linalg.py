@@ -339,7 +339,8 @@ def subspace_triplets(
 
 
 def ritz_angle_bound(lam: Tensor, resid: Tensor, r: int) -> float:
-    """A bound on ``||sin Theta||_F`` between the top-``r`` Ritz vectors ``u_i`` of a
+    """A bound on ``||sin Theta||_F`` (assuming the block holds the top ``r + 1``
+    directions, see below) between the top-``r`` Ritz vectors ``u_i`` of a
     symmetric ``S`` and its true top-``r`` eigenvectors, from the Ritz values ``lam``
     (descending, at least ``r + 1``) and the residual norms ``resid[i] = ||S u_i - lam_i u_i||``.
 
@@ -350,7 +351,8 @@ def ritz_angle_bound(lam: Tensor, resid: Tensor, r: int) -> float:
     orthonormal, ``||sin Theta||_F**2 = sum_i ||P u_i||**2``. The true ``lam_{r+1}`` is
     estimated from above by the ``(r+1)``-th Ritz value plus its residual (the standard Ritz
     estimate: it assumes the block holds the top ``r+1`` directions, which an oversampled
-    random start makes overwhelmingly likely). Tighter than the one-gap form
+    random start makes overwhelmingly likely; a direction the block misses entirely leaves
+    no residual, so a matrix built against the seed can defeat it). Tighter than the one-gap form
     ``||R||_F / (lam_r - lam_{r+1})`` by the spread of the kept eigenvalues: in float32,
     where the residuals are round-off of about the same size for every vector, 2-4x on
     trained ResNet-50 weights, and within 1.3x of the true angle there.
