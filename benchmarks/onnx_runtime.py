@@ -140,29 +140,27 @@ def main(argv: list[str] | None = None) -> None:
         dense, models[f"compact, rank_multiple={multiple}"] = dense_and_compact(
             args.rank_ratio, multiple, args.target_flops_reduction)
     x = torch.randn(1, 3, SIZE, SIZE)
+    first = next(iter(models))  # the first compact model: Torch-Pruning's FLOPs target
     if args.torch_pruning:
         import torch_pruning as tp
         from vs_torch_pruning import matched_torch_pruned
 
-        first = count_flops(next(iter(models.values())), x)[""]
+        target = count_flops(models[first], x)[""]
         for round_to in (8, 16):
             models[f"torch-pruning L2 global round_to={round_to}"] = matched_torch_pruned(
-                tp, dense, first, x, round_to=round_to)
+                tp, dense, target, x, round_to=round_to)
     dense_flops = count_flops(dense, x)[""]
-    flops = {name: count_flops(m, x)[""] / dense_flops for name, m in models.items()}
+    # FLOPs of what runs: the file's ranks, padded to multiples of 8 as export_onnx does
+    flops = {name: count_flops(pad_ranks(m), x)[""] / dense_flops for name, m in models.items()}
+    flops[f"{first}, exported unpadded"] = count_flops(models[first], x)[""] / dense_flops
     models = {"dense": dense, **models}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep or tmp)
         files = {name: export_onnx(m, x, folder / f"model{i}.onnx")
                  for i, (name, m) in enumerate(models.items())}
-        # export_onnx pads factorized ranks to multiples of 8 by default; the first compact
-        # model also as it is, to show what that padding buys.
-        first = list(models)[1]
+        # The first compact model also as it is, to show what export_onnx's padding buys.
         files[f"{first}, exported unpadded"] = export_onnx(
             models[first], x, folder / "unpadded.onnx", rank_multiple=1)
-        flops[f"{first}, exported unpadded"] = flops[first]
-        for name in list(models)[1:]:  # what runs: the file's (padded) ranks
-            flops[name] = count_flops(pad_ranks(models[name]), x)[""] / dense_flops
         sessions = [session(f, args.threads, args.allow_spinning) for f in files.values()]
         compiled, openvino_version = {}, None
         if args.openvino:
