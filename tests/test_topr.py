@@ -250,3 +250,12 @@ def test_a_bound_just_below_tol_takes_one_more_step_while_it_falls(
     assert linalg.SUBSPACE_TOL[torch.float32] == 1.5e-5
     assert subspace_triplets(M, 20) is not None
     assert len(list(calls)) == 0 and len(bounds) == steps
+
+
+def test_a_bound_below_tol_at_the_last_step_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Still falling fast, but no step is left: the certified result is kept, not thrown away.
+    from lrpet_lightning.core import linalg
+
+    calls = iter([3e-5, 1.4e-5])
+    monkeypatch.setattr(linalg, "ritz_angle_bound", lambda lam, resid, r: next(calls))
+    assert subspace_triplets(_gapped(96, 300, 20).float(), 20, max_iter=2) is not None

@@ -318,7 +318,8 @@ def subspace_triplets(
         # Below tol, one more step while the bound still falls fast (it then sits well
         # above its round-off floor): accepted at the first step just under 1.5e-5, a
         # trained ResNet-50 conv was 1.0e-5 off, against 4e-6 one step later.
-        if bound <= tol and (bound <= tol / 2 or (math.isfinite(last) and bound > last / 2)):
+        if bound <= tol and (bound <= tol / 2 or step == max_iter
+                             or (math.isfinite(last) and bound > last / 2)):
             break
         if not math.isfinite(bound):  # no gap at all (repeated or zero singular values)
             return None
