@@ -450,3 +450,110 @@ def test_gemm_form_not_offered_where_a_thin_conv_has_a_hook(monkeypatch) -> None
     seen.clear()
     prepared(x)
     assert len(seen) == 1
+
+
+# ------------------------------------------------------------------------ hooks
+class _Wrapped(nn.Module):
+    """conv -> BN, the conv inside a wrapper module (as a block is), for hooks on each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.block(x))
+
+
+@pytest.mark.parametrize(("hooked", "kind", "folded"), [
+    ("block.0", "forward", False), ("block", "forward", False), ("bn", "pre", False),
+    ("bn", "forward", False), ("", "forward", True),  # the root holds both: it sees no change
+])
+def test_no_fold_where_a_hook_would_see_the_change(hooked, kind, folded) -> None:
+    torch.manual_seed(0)
+    model = _Wrapped()
+    _randomize_bns_(model)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    seen: list[Tensor] = []
+    module = model.get_submodule(hooked)
+    if kind == "pre":
+        module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    else:
+        module.register_forward_hook(lambda m, args, out: seen.append(out))
+    with torch.no_grad():
+        model(x)
+        before = seen.pop()
+        assert fold_batchnorms_(model, x) == (["bn"] if folded else [])
+        seen.clear()
+        model(x)
+    torch.testing.assert_close(seen[-1], before)  # the hook sees what it saw before
+
+
+def test_a_hooked_factorized_layer_keeps_its_form(monkeypatch) -> None:
+    model, x = _pointwise_model(), torch.randn(2, 3, 8, 8)
+    hooked = next(n for n, m in model.named_modules() if inference.is_pointwise_pair(m))
+    seen = []
+    model.get_submodule(hooked).register_forward_hook(lambda m, i, o: seen.append(type(m)))
+    cost = partial(_form_time, factorized=1.0, padded=0.5, dense=0.2)
+    # The layers say dense, and so does the whole-model race: all but the hooked one go.
+    monkeypatch.setattr(inference, "time_rounds", _fake_timer(cost))
+    prepared = prepare_for_inference(model, x, channels_last=True)
+    assert decomposed_ranks(prepared) == {hooked: decomposed_ranks(model)[hooked]}
+    seen.clear()
+    prepared(x)
+    assert seen == [type(model.get_submodule(hooked))]
+    _assert_same_outputs(prepared, model, x)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gemm_form_gives_the_layout_a_conv_gives(channels_last) -> None:
+    from lrpet_lightning.core.factorized import FactorizedConv
+
+    gemm = inference.GemmFactorizedConv.of(FactorizedConv.from_dense(nn.Conv2d(16, 32, 1), 4))
+    x = torch.randn(2, 16, 5, 7)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert gemm(x.contiguous(memory_format=fmt)).is_contiguous(memory_format=fmt)
+    gemm(x).view(2, -1)  # code after a conv may view its output
+
+
+# ------------------------------------------------------------------------ save, reload
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_prepared_model_saves_and_reloads(name, tmp_path, monkeypatch) -> None:
+    from lrpet_lightning.core.checkpoint import load_compact, save_compact
+
+    model, x = _decomposed(name), torch.randn(CASES[name])
+    # A mix of forms: dense where in and out widths agree, padded where the rank is not
+    # a multiple of 8, as it is elsewhere.
+    def layer_time(module: nn.Module) -> float:
+        if isinstance(module, FactorizedLayer):
+            return 0.8 if module.rank % inference.RANK_MULTIPLE == 0 else 1.0
+        return 0.5 if module.weight.shape[0] == module.weight.shape[1] else 2.0
+
+    monkeypatch.setattr(inference, "time_rounds", _fake_timer(layer_time))
+    prepared = prepare_for_inference(model, x, channels_last=True)
+    assert 0 < len(decomposed_ranks(prepared)) < len(decomposed_ranks(model))
+    assert not any(isinstance(m, _BatchNorm) for m in prepared.modules())
+    save_compact(prepared, tmp_path / "prepared.pt")
+    reloaded = load_compact(build_model(name), tmp_path / "prepared.pt").eval()
+    assert decomposed_ranks(reloaded) == decomposed_ranks(prepared)
+    assert not any(isinstance(m, _BatchNorm) for m in reloaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), prepared(x), rtol=1e-5, atol=1e-5)
+    save_compact(reloaded, tmp_path / "again.pt")  # and again
+    again = load_compact(build_model(name), tmp_path / "again.pt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), prepared(x), rtol=1e-5, atol=1e-5)
+
+
+def test_reload_of_folded_batchnorms_names_another_architecture(tmp_path) -> None:
+    from lrpet_lightning.core.checkpoint import load_compact, save_compact
+
+    model, x = _decomposed("resnet20"), torch.randn(2, 3, 32, 32)
+    prepared = prepare_for_inference(model, x, latency_aware=False, channels_last=False)
+    save_compact(prepared, tmp_path / "prepared.pt")
+    other = build_model("resnet20")
+    other.bn1 = nn.ReLU()
+    with pytest.raises(ValueError, match=r"BatchNorm 'bn1' folded into its conv, but "
+                                         r"CifarResNet has ReLU there"):
+        load_compact(other, tmp_path / "prepared.pt")

@@ -13,7 +13,9 @@ from typing import IO, Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from lrpet_lightning.core.inference import FOLDED_ATTR
 from lrpet_lightning.core.transforms import decomposed_ranks, match_architecture_
 
 __all__ = ["COMPACT_FORMAT", "atomic_write", "load_compact", "optimizers_match", "read_compact",
@@ -59,6 +61,12 @@ def save_compact(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
     """Write a decomposed ``model`` to ``path``: its state dict, its ``{layer: rank}`` map
     and ``metadata`` (plain values: str, int, float, bool, lists and dicts of them).
 
+    A model prepared by ``prepare_for_inference`` (or ``fold_batchnorms_``) can be saved
+    too: the file lists the BatchNorms folded into convs, and ``load_compact`` replaces
+    them by ``nn.Identity`` again. (Its per-layer forms are not kept: layers made dense
+    load dense, padded ranks load padded, matrix-product forms as thin convs, all with the
+    same outputs; channels_last is not kept.)
+
     The file is written to a temporary file beside ``path`` and renamed into place, so an
     interrupted save never leaves a truncated file where a good one was.
     """
@@ -69,7 +77,10 @@ def save_compact(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
         )
     path = Path(path)
     state = model.state_dict()
+    folded = [f"{prefix}.{bn}" if prefix else bn for prefix, module in model.named_modules()
+              for bn in getattr(module, FOLDED_ATTR, ())]
     payload = {"format": COMPACT_FORMAT, "ranks": ranks, "metadata": metadata,
+               "folded_batchnorms": folded,
                "state_dict": {k: v.detach().cpu() for k, v in state.items()},
                # Each module's version (BatchNorm, MNASNet...): some refuse to load without it.
                "state_metadata": {k: dict(v) for k, v in
@@ -125,6 +136,7 @@ def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     # The thin layers' shapes come from the file: no truncation of the fresh random weights
     # (which are overwritten next) and so no "not rank r" warning on every reload.
     match_architecture_(model, state)
+    _refold_(model, payload.get("folded_batchnorms", []), state, path)
     rebuilt = decomposed_ranks(model)
     missing = [n for n, r in ranks.items() if rebuilt.get(n) != r]
     if missing:
@@ -141,3 +153,28 @@ def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         state._metadata = payload["state_metadata"]  # type: ignore[attr-defined]
     model.load_state_dict(state)
     return model
+
+
+def _refold_(model: nn.Module, folded: list[str], state: dict[str, Any], path: Path) -> None:
+    """Give a fresh ``model`` the shape of one whose BatchNorms ``folded`` were folded into
+    their convs: each becomes ``nn.Identity``, and a conv that had no bias gets one (the
+    folded shift) where the file holds it."""
+    if not folded:
+        return
+    modules = dict(model.named_modules())
+    for name in folded:
+        if not isinstance(modules.get(name), _BatchNorm | nn.Identity):
+            raise ValueError(
+                f"{path} was saved with BatchNorm {name!r} folded into its conv, but "
+                f"{type(model).__name__} has {type(modules.get(name)).__name__} there: "
+                "is it the same architecture?")
+        model.set_submodule(name, nn.Identity())
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        module = modules.get(owner)
+        if leaf == "bias" and module is not None and getattr(module, "bias", 0) is None:
+            weight = module.weight
+            module.bias = nn.Parameter(weight.new_zeros(value.shape),
+                                       requires_grad=weight.requires_grad)
+    setattr(model, FOLDED_ATTR, list(folded))

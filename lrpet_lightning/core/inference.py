@@ -32,10 +32,10 @@ from lrpet_lightning.core.factorized import FactorizedConv, FactorizedLayer
 from lrpet_lightning.core.trace import BNPairTracer, run_forward
 from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer
 
-__all__ = ["FASTER_MARGIN", "RANK_MULTIPLE", "GemmFactorizedConv", "fold_batchnorms_",
-           "is_plain_pair", "is_pointwise_pair", "median_ratio", "output_error", "output_rtol",
-           "pad_rank", "pad_ranks", "prepare_for_inference", "race", "tensor_leaves", "time_rounds",
-           "use_faster_forms_"]
+__all__ = ["FASTER_MARGIN", "FOLDED_ATTR", "RANK_MULTIPLE", "GemmFactorizedConv",
+           "fold_batchnorms_", "has_hooks", "is_plain_pair", "is_pointwise_pair",
+           "median_ratio", "output_error", "output_rtol", "pad_rank", "pad_ranks",
+           "prepare_for_inference", "race", "tensor_leaves", "time_rounds", "use_faster_forms_"]
 
 
 def prepare_for_inference(
@@ -52,7 +52,8 @@ def prepare_for_inference(
 
     1. every plain BatchNorm that directly follows a plain conv is folded into it (for a
        ``FactorizedConv`` into its second, 1x1 conv) and replaced by ``nn.Identity``
-       (subclasses, e.g. timm's ``BatchNormAct2d``, are left as they are);
+       (subclasses, e.g. timm's ``BatchNormAct2d``, are left as they are, and so are
+       pairs a hook would see change);
     2. the Conv2d weights are made channels_last (``"auto"``: only if the whole model
        runs faster that way on ``example_inputs``);
     3. with ``latency_aware``, each factorized layer is timed on the activation it
@@ -63,7 +64,7 @@ def prepare_for_inference(
        factorized and with every layer dense, and the fastest of the three is returned.
        A form other than the all-factorized one (fewest FLOPs, the prior) is taken only
        when it is faster by ``FASTER_MARGIN`` in the median of paired ratios and in
-       best-of alike.
+       best-of alike. Layers with hooks keep their form.
 
     The prepared copy's outputs are then checked against ``model``'s on ``example_inputs``:
     if they differ by more than ``OUTPUT_RTOL`` (relative), a warning says so and an
@@ -204,7 +205,10 @@ def fold_batchnorms_(model: nn.Module, example_inputs: Any) -> list[str]:
     The pairs come from the data flow of one forward pass on ``example_inputs``. A pair is
     folded only when folding cannot change anything else: the conv runs once, its output
     goes to the BatchNorm alone (not to another op, not out of the model), and the
-    BatchNorm runs once, with running statistics.
+    BatchNorm runs once, with running statistics, and no hook sees a tensor that folding
+    changes (a hook on the conv, the BatchNorm, or a module holding one but not the other).
+    The names folded are also listed in the model's ``FOLDED_ATTR`` attribute, which
+    ``save_compact`` writes so that ``load_compact`` rebuilds the folded model.
 
     Returns:
         The names of the BatchNorms folded.
@@ -218,15 +222,38 @@ def fold_batchnorms_(model: nn.Module, example_inputs: Any) -> list[str]:
     # map in eval): a subclass may do more (timm's BatchNormAct2d also applies the
     # activation; a weight-standardized conv rescales its weight in its forward).
     convs = {n: m for n, m in model.named_modules() if type(m) in CONV_TYPES}
+    # A hook on a module that holds the conv or the BatchNorm but not both sees a tensor
+    # that folding changes (or is lost with the BatchNorm): such pairs stay as they are.
+    hooked = [n for n, m in model.named_modules() if has_hooks(m)]
     pairs = {c: b for c, b in _sole_conv_bn_pairs(model, convs, example_inputs).items()
-             if type(model.get_submodule(b)) in _PLAIN_BATCHNORMS}
+             if type(model.get_submodule(b)) in _PLAIN_BATCHNORMS
+             and not any(_holds(h, c) != _holds(h, b) for h in hooked)}
     for conv_name, bn_name in pairs.items():
         conv, bn = convs[conv_name], model.get_submodule(bn_name)
         conv.weight, conv.bias = fuse_conv_bn_weights(
             conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
         )
         model.set_submodule(bn_name, nn.Identity())
+    if pairs:  # save_compact records them, so that load_compact rebuilds this model
+        folded = getattr(model, FOLDED_ATTR, [])
+        setattr(model, FOLDED_ATTR, [*folded, *pairs.values()])
     return list(pairs.values())
+
+
+#: The attribute in which :func:`fold_batchnorms_` lists, on the module it folded, the
+#: BatchNorms it replaced by ``nn.Identity`` (read by ``save_compact``).
+FOLDED_ATTR = "_lrpet_folded_batchnorms"
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` itself has a forward, forward-pre, backward or backward-pre hook."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _holds(ancestor: str, name: str) -> bool:
+    """Whether the module named ``ancestor`` is the one named ``name`` or contains it."""
+    return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
 
 
 def _sole_conv_bn_pairs(
@@ -349,7 +376,9 @@ def use_faster_forms_(
     multiple of ``RANK_MULTIPLE`` (only where it is not one already), two matrix products
     (:class:`GemmFactorizedConv`, a pair of 1x1 convs only), or its dense equivalent
     (``channels_last``: make new Conv2d weights channels_last, as the rest of the model
-    is). Returns the names of the layers made dense.
+    is). A layer with a hook on itself or a thin layer stays as it is: another form would
+    not run the hook, or would feed it other tensors. Returns the names of the layers made
+    dense.
 
     All layers are timed in one race: each round runs every layer in each form once, so a
     burst of load from other processes falls on neighbouring runs alike. The layer as it
@@ -364,18 +393,19 @@ def use_faster_forms_(
         if name not in inputs:  # it never ran
             continue
         forms[name] = [layer]
+        if any(has_hooks(m) for m in layer.modules()):
+            continue  # another form would not run the hooks, or feed them other tensors
         if layer.rank % RANK_MULTIPLE and is_plain_pair(layer):
             forms[name].append(pad_rank(layer, RANK_MULTIPLE))
-        if (is_pointwise_pair(layer) and inputs[name].dim() == 4
-                and not _has_hooks(layer.first) and not _has_hooks(layer.second)):
-            # (the matrix products do not call the thin convs: their hooks would not run)
+        if is_pointwise_pair(layer) and inputs[name].dim() == 4:
             forms[name].append(GemmFactorizedConv.of(layer))
         forms[name].append(layer.to_dense())
         if channels_last:
             for form in forms[name][1:]:
                 _to_channels_last_(form)
+    forms = {name: fs for name, fs in forms.items() if len(fs) > 1}
     candidates = [partial(form, inputs[name]) for name, fs in forms.items() for form in fs]
-    rounds = iter(time_rounds(candidates, repeats))
+    rounds = iter(time_rounds(candidates, repeats) if candidates else [])
     made_dense = []
     for name, fs in forms.items():
         best = _fastest([next(rounds) for _ in fs])
@@ -418,8 +448,10 @@ class GemmFactorizedConv(FactorizedConv):
         if x.dim() != 4:  # an unbatched (C, H, W) input: the convs take it as they are
             return self.second(self.first(x))
         y = F.linear(x.permute(0, 2, 3, 1), self.first.weight.flatten(1))
-        y = F.linear(y, self.second.weight.flatten(1), self.second.bias)
-        return y.permute(0, 3, 1, 2)
+        y = F.linear(y, self.second.weight.flatten(1), self.second.bias).permute(0, 3, 1, 2)
+        # The layout a conv would give: channels_last for a channels_last input, else
+        # contiguous (code after it may .view() the output).
+        return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
 
 def is_plain_pair(layer: nn.Module) -> bool:
@@ -442,10 +474,6 @@ def is_pointwise_pair(layer: nn.Module) -> bool:
     return (type(first) is nn.Conv2d and type(second) is nn.Conv2d
             and all(c.kernel_size == (1, 1) and c.stride == (1, 1) and c.dilation == (1, 1)
                     and c.padding in ((0, 0), "valid") for c in (first, second)))
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _layer_forms(model: nn.Module) -> dict[str, tuple[type, int]]:
@@ -541,7 +569,7 @@ def _all_dense(model: nn.Module, channels_last: bool) -> nn.Module:
     """A copy of ``model`` with every factorized layer as its dense equivalent."""
     dense = copy.deepcopy(model)
     for name, layer in list(dense.named_modules()):
-        if isinstance(layer, FactorizedLayer):
+        if isinstance(layer, FactorizedLayer) and not any(has_hooks(m) for m in layer.modules()):
             form = layer.to_dense()
             if channels_last:
                 _to_channels_last_(form)
