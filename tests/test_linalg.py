@@ -21,6 +21,7 @@ from lrpet_lightning.core.linalg import (
     bn_scale,
     factorize_matrix,
     float32_matmul_is_ieee,
+    gram_matrix,
     matrix_to_weight,
     numerical_rank,
     project_matrix,
@@ -372,3 +373,21 @@ def test_weight_matrix_views_round_trip(shape: tuple[int, ...]) -> None:
     assert torch.equal(matrix_to_weight(M, w.shape), w)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         weight_to_matrix(torch.randn(5))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 255, 256, 257, 1030])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gram_matrix_is_the_product_and_exactly_symmetric(rows, dtype, transposed) -> None:
+    # From 256 rows only the blocks on and above the diagonal are multiplied; a tall
+    # matrix's Gram matrix is that of its transposed view.
+    g = torch.Generator().manual_seed(rows)
+    A = torch.randn(rows, 90, generator=g, dtype=dtype)
+    if transposed:
+        A = torch.randn(90, rows, generator=g, dtype=dtype).mT
+    G = gram_matrix(A)
+    assert G.dtype == dtype and G.shape == (rows, rows)
+    assert torch.equal(G, G.mT)
+    expected = (A.double() @ A.double().mT)
+    tol = 1e-12 if dtype == F64 else 2e-6
+    assert (G.double() - expected).abs().max() <= tol * expected.abs().max()

@@ -55,6 +55,7 @@ from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.linalg import (
     bn_scale,
     factorization_pays,
+    gram_matrix,
     rank_from_ratio,
     round_rank,
 )
@@ -203,7 +204,7 @@ def layer_energies(layers: Sequence[TargetLayer], bn_rectification: bool = True)
         if bn_rectification and bn is not None and bn.running_var is not None:
             a = bn_scale(bn.running_var, bn.eps, bn.weight if bn.affine else None)
             M = M * a.to(M.device).reshape(-1, 1)
-        G = M @ M.mT if M.shape[0] <= M.shape[1] else M.mT @ M  # the smaller Gram matrix
+        G = gram_matrix(M if M.shape[0] <= M.shape[1] else M.mT)  # the smaller Gram matrix
         try:
             energy = torch.linalg.eigvalsh(G).flip(0).clamp_min(0).cpu()
         except (torch.linalg.LinAlgError, RuntimeError):  # NaN/Inf weights

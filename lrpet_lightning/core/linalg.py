@@ -18,6 +18,7 @@ randomized SVD) compute exactly the same projection as a full SVD.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -41,6 +42,7 @@ __all__ = [
     "factorization_pays",
     "factorize_matrix",
     "float32_matmul_is_ieee",
+    "gram_matrix",
     "matrix_to_weight",
     "numerical_rank",
     "project_matrix",
@@ -70,6 +72,34 @@ SUBSPACE_MAX_ITER = 8
 SUBSPACE_SEED = 0
 
 SvdMethod = Literal["exact", "gram", "gram32", "randomized", "subspace"]
+
+
+#: ``gram_matrix`` splits a matrix of at least this many rows into ``GRAM_BLOCKS`` row
+#: blocks and computes only the products on and above the diagonal.
+GRAM_BLOCKED_ROWS = 256
+GRAM_BLOCKS = 4
+
+
+def gram_matrix(A: Tensor) -> Tensor:
+    """``A @ A.mT``, exactly symmetric. From ``GRAM_BLOCKED_ROWS`` rows on, only the row
+    blocks on and above the diagonal are multiplied (5/8 of the arithmetic with 4 blocks)
+    and the rest is mirrored: measured, 1 thread, 0.64-0.76 of the time of one product
+    for the ResNet-50 conv shapes (256 to 1024 rows; no gain below).
+
+    >>> A = torch.randn(300, 40, dtype=torch.float64)
+    >>> torch.allclose(gram_matrix(A), A @ A.mT)
+    True
+    """
+    n = A.shape[0]
+    if n < GRAM_BLOCKED_ROWS:
+        return A @ A.mT
+    edges = [round(i * n / GRAM_BLOCKS) for i in range(GRAM_BLOCKS + 1)]
+    G = A.new_empty(n, n)
+    for start, stop in itertools.pairwise(edges):
+        block = A[start:stop] @ A[start:].mT  # this block row, from the diagonal on
+        G[start:stop, start:] = block
+        G[stop:, start:stop] = block[:, stop - start:].mT
+    return G
 
 
 # --------------------------------------------------------------------------- views
@@ -208,7 +238,7 @@ def top_singular_triplets(
         # Eigen-decompose the smaller Gram matrix; eigh returns ascending eigenvalues.
         wide = rows <= cols
         Mg = M.double() if method == "gram" else M
-        G = Mg @ Mg.mT if wide else Mg.mT @ Mg
+        G = gram_matrix(Mg if wide else Mg.mT)
         evals, evecs = torch.linalg.eigh(G)
         energy = G.diagonal().sum()  # = ||M||_F**2
         s = evals[-r:].flip(0).clamp_min(0).sqrt()
@@ -288,7 +318,7 @@ def subspace_triplets(
     wide = rows <= cols
     A = M if wide else M.mT
     if 8 * k >= n:
-        S = A @ A.mT
+        S = gram_matrix(A)
         energy = S.diagonal().sum(dtype=torch.float64)
 
         def apply(X: Tensor) -> Tensor:
@@ -315,10 +345,12 @@ def subspace_triplets(
         U, Y = Q @ W, Y @ W  # Ritz vectors and S applied to them (the next step's block)
         resid = (Y[:, : r + 1] - U[:, : r + 1] * lam[: r + 1].to(M.dtype)).double()
         last, bound = bound, ritz_angle_bound(lam, torch.linalg.vector_norm(resid, dim=0), r)
-        # Below tol, one more step while the bound still falls fast (it then sits well
-        # above its round-off floor): accepted at the first step just under 1.5e-5, a
-        # trained ResNet-50 conv was 1.0e-5 off, against 4e-6 one step later.
-        if bound <= tol and (bound <= tol / 2 or step == max_iter
+        # Between 2/3 of tol and tol, one more step while the bound still falls fast (it
+        # then sits well above its round-off floor): accepted at the first step just under
+        # 1.5e-5, a trained ResNet-50 conv was 1.0e-5 off, against 4e-6 one step later.
+        # (Below tol/2 instead of 2/3 of tol, the 11 largest convs of a trained ResNet-50
+        # took a third step from ~8e-6 that left them at their floor, ~8e-6: 14 % of the pass.)
+        if bound <= tol and (bound <= tol * 2 / 3 or step == max_iter
                              or (math.isfinite(last) and bound > last / 2)):
             break
         if not math.isfinite(bound):  # no gap at all (repeated or zero singular values)
