@@ -153,3 +153,13 @@ def test_compact_round_trip_keeps_module_versions(tmp_path) -> None:
     loaded = load_compact(_Versioned(), tmp_path / "c.pt")
     x = torch.randn(1, 8, 6, 6)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_a_rank_the_layer_cannot_have_names_the_layer() -> None:
+    from lrpet_lightning.core import match_architecture_
+
+    state = {"0.first.weight": torch.zeros(8, 96, 1, 1), "0.second.weight": torch.zeros(4, 8, 1, 1),
+             "0.second.bias": torch.zeros(4)}
+    with pytest.raises(ValueError, match=r"holds '0' as a thin pair of rank 8, which this "
+                                         r"Conv2d cannot have"):
+        match_architecture_(nn.Sequential(nn.Conv2d(96, 4, 1)), state)

@@ -15,6 +15,7 @@ onnx = pytest.importorskip("onnx")
 
 from lrpet_lightning import decompose_, project_low_rank_  # noqa: E402
 from lrpet_lightning.core.export import (  # noqa: E402
+    OnnxCheckError,
     OnnxMismatchError,
     check_onnx,
     export_onnx,
@@ -233,3 +234,48 @@ def test_a_dynamic_batch_export_from_a_batch_of_one(tmp_path: Path) -> None:
     path = export_onnx(model, x, tmp_path / "convnext.onnx")
     check = check_onnx(path, model, [(x,), (torch.randn(3, 3, 64, 64),)])
     assert check.passed and check.batch_sizes == (1, 3)
+
+
+def _two_convs(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3)).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_file_onnxruntime_cannot_run_is_not_left_as_checked(dtype, tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(OnnxCheckError, match=rf"could not be checked in onnxruntime.*the model "
+                                             rf"has {name} weights: export a float32 copy"):
+        export_onnx(_two_convs(dtype), torch.randn(1, 3, 16, 16, dtype=dtype), path)
+    assert not path.exists() and (tmp_path / "m.onnx.unchecked").exists()
+
+
+def test_a_float16_model_is_checked_at_float16_tolerances(tmp_path: Path) -> None:
+    # Its own round-off (5e-4 here) exceeds the float32 tolerances.
+    model, x = _two_convs(torch.float16), torch.randn(1, 3, 16, 16, dtype=torch.float16)
+    export_onnx(model, x, tmp_path / "m.onnx")
+    with pytest.raises(OnnxMismatchError, match="allowed: atol=0.0001"):
+        export_onnx(model, x, tmp_path / "strict.onnx", rtol=1e-3, atol=1e-4)
+
+
+class DynamicCache:
+    """Stands in for transformers' cache object, which torch.export cannot flatten."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class _ReturnsACache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor):
+        y = self.lin(x)
+        return y, DynamicCache(y)
+
+
+def test_an_export_failure_names_the_model_and_hints_at_use_cache(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"(?s)could not export _ReturnsACache.*use_cache=False"):
+        export_onnx(_ReturnsACache().eval(), torch.randn(2, 4), tmp_path / "m.onnx")

@@ -4,6 +4,7 @@ exportable; the latency-aware swap and the fold's safety rules on hand-made case
 from __future__ import annotations
 
 import copy
+import warnings
 from functools import partial
 
 import pytest
@@ -218,9 +219,9 @@ def test_median_ratio_ignores_one_disturbed_round() -> None:
 
 
 @pytest.mark.parametrize("layer", [
-    nn.Conv2d(6, 12, 3, padding=1), nn.Conv2d(6, 12, 1, bias=False),
+    nn.Conv2d(6, 12, 3, padding=1), nn.Conv2d(10, 12, 1, bias=False),
     nn.Conv2d(6, 12, 3, stride=2, dilation=2, padding=2), nn.Conv1d(6, 12, 3),
-    nn.Linear(6, 12), nn.Linear(6, 12, bias=False),
+    nn.Linear(10, 12), nn.Linear(10, 12, bias=False),
 ], ids=["conv3x3", "conv1x1-nobias", "strided-dilated", "conv1d", "linear", "linear-nobias"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pad_rank_is_exact(layer, channels_last) -> None:
@@ -228,8 +229,9 @@ def test_pad_rank_is_exact(layer, channels_last) -> None:
     factorized = factorized_type(layer).from_dense(layer, 3)
     padded = inference.pad_rank(factorized, 8)
     assert padded.rank == 8 and type(padded) is type(factorized)
-    x = torch.randn(2, 6, 9, 9) if isinstance(layer, nn.Conv2d) else (
-        torch.randn(2, 6, 9) if isinstance(layer, nn.Conv1d) else torch.randn(2, 6))
+    c = layer.weight.shape[1]  # (the padded rank 8 is at most the full rank)
+    x = torch.randn(2, c, 9, 9) if isinstance(layer, nn.Conv2d) else (
+        torch.randn(2, c, 9) if isinstance(layer, nn.Conv1d) else torch.randn(2, c))
     if channels_last and x.dim() == 4:
         padded.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -557,3 +559,70 @@ def test_reload_of_folded_batchnorms_names_another_architecture(tmp_path) -> Non
     with pytest.raises(ValueError, match=r"BatchNorm 'bn1' folded into its conv, but "
                                          r"CifarResNet has ReLU there"):
         load_compact(other, tmp_path / "prepared.pt")
+
+
+# ------------------------------------------------------------------------ what users bring
+class _ViewsItsFeatures(nn.Module):
+    """A LeNet-style head: ``.view`` of a conv's output, which fails on channels_last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_channels_last_auto_keeps_contiguous_where_the_model_needs_it() -> None:
+    torch.manual_seed(0)
+    model, x = _ViewsItsFeatures().eval(), torch.randn(2, 3, 8, 8)
+    prepared = prepare_for_inference(model, x, repeats=1)
+    assert prepared.conv.weight.is_contiguous()
+    _assert_same_outputs(prepared, model, x)
+    with pytest.raises(ValueError, match=r"channels_last=True, but this _ViewsItsFeatures does "
+                                         r"not run on channels_last tensors \(RuntimeError: view"):
+        prepare_for_inference(model, x, channels_last=True, repeats=1)
+
+
+def test_no_padding_past_the_full_rank() -> None:
+    # A squeeze-excitation conv to 4 channels at rank 1: rank 8 would be more than dense,
+    # and a compact file of it would not load (no rank-8 pair of a rank-4 matrix).
+    from lrpet_lightning.core.factorized import FactorizedConv
+
+    layer = FactorizedConv.from_dense(nn.Conv2d(96, 4, 1), 1)
+    assert not inference.can_pad_rank(layer, 8) and inference.can_pad_rank(layer, 2)
+    assert inference.pad_rank(layer, 4).rank == 4  # up to the full rank is fine
+    with pytest.raises(ValueError, match=r"rank 1 padded to a multiple of 8 is 8, above the "
+                                         r"full rank 4 of this FactorizedConv"):
+        inference.pad_rank(layer, 8)
+    net = nn.Sequential(layer, FactorizedConv.from_dense(nn.Conv2d(96, 32, 1), 3))
+    padded = inference.pad_ranks(net, 8)
+    assert [padded[0].rank, padded[1].rank] == [1, 8]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_prepared_and_a_wrong_fold_still_caught(dtype, monkeypatch) -> None:
+    # Folding a BatchNorm in half precision rounds the outputs by about 2 eps: judged
+    # against float32, the prepared model is as close as the model itself.
+    model = _decomposed("resnet20").to(dtype)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        prepared = prepare_for_inference(model, x, repeats=1, latency_aware=False,
+                                         channels_last=False)
+    assert not any(isinstance(m, _BatchNorm) for m in prepared.modules())
+
+    fold = inference.fold_batchnorms_
+
+    def wrong_fold(m: nn.Module, inputs) -> list[str]:
+        names = fold(m, inputs)
+        next(c for c in m.modules() if type(c) is nn.Conv2d).weight.data *= 1.5
+        return names
+
+    monkeypatch.setattr(inference, "fold_batchnorms_", wrong_fold)
+    with pytest.warns(RuntimeWarning, match="computes something else"):
+        kept = prepare_for_inference(model, x, repeats=1, latency_aware=False,
+                                     channels_last=False)
+    assert isinstance(kept.bn1, _BatchNorm)

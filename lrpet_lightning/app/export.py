@@ -18,7 +18,14 @@ import torch
 from lrpet_lightning.app.compact import load_compact_model
 from lrpet_lightning.core.checkpoint import read_compact
 from lrpet_lightning.core.checks import check_int
-from lrpet_lightning.core.export import ATOL, RTOL, OnnxMismatchError, check_onnx, export_onnx
+from lrpet_lightning.core.export import (
+    ATOL,
+    RTOL,
+    OnnxCheckError,
+    OnnxMismatchError,
+    check_onnx,
+    export_onnx,
+)
 from lrpet_lightning.core.inference import RANK_MULTIPLE
 
 __all__ = ["compact_path", "export_run", "main"]
@@ -139,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = export_run(args.source, args.out, batch_size=args.batch_size,
                             image_size=args.image_size,
                             openvino=args.openvino, rank_multiple=args.rank_multiple)
-    except (FileNotFoundError, ValueError, TypeError, ImportError, OnnxMismatchError) as err:
+    except (FileNotFoundError, ValueError, TypeError, ImportError, OnnxMismatchError,
+            OnnxCheckError) as err:
         parser.error(str(err))
     onnx_path, check, ov = result["onnx"], result["check"], result["openvino"]
     print(f"wrote {onnx_path} ({_size(onnx_path)}); onnxruntime vs PyTorch: max abs "

@@ -73,7 +73,9 @@ def save_compact(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
     ranks = decomposed_ranks(model)
     if not ranks:
         raise ValueError(
-            f"model {type(model).__name__} has no factorized layer; call decompose_(model) first"
+            f"model {type(model).__name__} has no factorized layer; call decompose_(model) "
+            "first (prepare_for_inference makes every layer dense where that runs faster: "
+            "then save the decomposed model, before preparing it)"
         )
     path = Path(path)
     state = model.state_dict()

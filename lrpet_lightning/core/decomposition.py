@@ -200,7 +200,13 @@ def match_architecture_(
             continue
         seen.add(id(module))
         ranks[name] = int(value.shape[0])
-        _replace_everywhere(model, module, factorized.from_dense(module, ranks[name]))
+        try:
+            thin = factorized.from_dense(module, ranks[name])
+        except ValueError as err:  # a rank the layer cannot have: another architecture
+            raise ValueError(f"the state dict holds {name!r} as a thin pair of rank "
+                             f"{ranks[name]}, which this {type(module).__name__} cannot "
+                             f"have: {err}") from err
+        _replace_everywhere(model, module, thin)
     if ranks:
         log.info("match_architecture_: decomposed %d layer(s) to match a checkpoint", len(ranks))
     return ranks
