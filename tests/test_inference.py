@@ -626,3 +626,20 @@ def test_half_precision_is_prepared_and_a_wrong_fold_still_caught(dtype, monkeyp
         kept = prepare_for_inference(model, x, repeats=1, latency_aware=False,
                                      channels_last=False)
     assert isinstance(kept.bn1, _BatchNorm)
+
+
+def test_a_prepared_model_made_all_dense_saves_and_reloads(tmp_path, monkeypatch) -> None:
+    # Dense can time faster everywhere (it did in CI, under load): still a model to save.
+    from lrpet_lightning.core.checkpoint import load_compact, save_compact
+
+    model, x = _decomposed("resnet20"), torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(inference, "_fastest_model", lambda models, inputs, repeats: 1)
+    prepared = prepare_for_inference(model, x, channels_last=False)
+    assert decomposed_ranks(prepared) == {}
+    save_compact(prepared, tmp_path / "dense.pt")
+    reloaded = load_compact(build_model("resnet20"), tmp_path / "dense.pt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), prepared(x), rtol=1e-5, atol=1e-5)
+    save_compact(reloaded, tmp_path / "again.pt")
+    with pytest.raises(ValueError, match="has no factorized layer"):  # a plain dense model
+        save_compact(build_model("resnet20"), tmp_path / "plain.pt")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lrpet_lightning.core.inference import FOLDED_ATTR
+from lrpet_lightning.core.inference import FOLDED_ATTR, PREPARED_ATTR
 from lrpet_lightning.core.transforms import decomposed_ranks, match_architecture_
 
 __all__ = ["COMPACT_FORMAT", "atomic_write", "load_compact", "optimizers_match", "read_compact",
@@ -62,27 +62,26 @@ def save_compact(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> 
     and ``metadata`` (plain values: str, int, float, bool, lists and dicts of them).
 
     A model prepared by ``prepare_for_inference`` (or ``fold_batchnorms_``) can be saved
-    too: the file lists the BatchNorms folded into convs, and ``load_compact`` replaces
-    them by ``nn.Identity`` again. (Its per-layer forms are not kept: layers made dense
-    load dense, padded ranks load padded, matrix-product forms as thin convs, all with the
-    same outputs; channels_last is not kept.)
+    too, even one it made all dense: the file lists the BatchNorms folded into convs, and
+    ``load_compact`` replaces them by ``nn.Identity`` again. (Its per-layer forms are not
+    kept: layers made dense load dense, padded ranks load padded, matrix-product forms as
+    thin convs, all with the same outputs; channels_last is not kept.)
 
     The file is written to a temporary file beside ``path`` and renamed into place, so an
     interrupted save never leaves a truncated file where a good one was.
     """
     ranks = decomposed_ranks(model)
-    if not ranks:
+    prepared = bool(getattr(model, PREPARED_ATTR, False))
+    if not ranks and not prepared:  # (prepare_for_inference may make every layer dense)
         raise ValueError(
-            f"model {type(model).__name__} has no factorized layer; call decompose_(model) "
-            "first (prepare_for_inference makes every layer dense where that runs faster: "
-            "then save the decomposed model, before preparing it)"
+            f"model {type(model).__name__} has no factorized layer; call decompose_(model) first"
         )
     path = Path(path)
     state = model.state_dict()
     folded = [f"{prefix}.{bn}" if prefix else bn for prefix, module in model.named_modules()
               for bn in getattr(module, FOLDED_ATTR, ())]
     payload = {"format": COMPACT_FORMAT, "ranks": ranks, "metadata": metadata,
-               "folded_batchnorms": folded,
+               "folded_batchnorms": folded, "prepared": prepared,
                "state_dict": {k: v.detach().cpu() for k, v in state.items()},
                # Each module's version (BatchNorm, MNASNet...): some refuse to load without it.
                "state_metadata": {k: dict(v) for k, v in
@@ -139,6 +138,8 @@ def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     # (which are overwritten next) and so no "not rank r" warning on every reload.
     match_architecture_(model, state)
     _refold_(model, payload.get("folded_batchnorms", []), state, path)
+    if payload.get("prepared"):
+        setattr(model, PREPARED_ATTR, True)
     rebuilt = decomposed_ranks(model)
     missing = [n for n, r in ranks.items() if rebuilt.get(n) != r]
     if missing:

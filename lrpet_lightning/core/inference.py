@@ -32,7 +32,7 @@ from lrpet_lightning.core.factorized import FactorizedConv, FactorizedLayer
 from lrpet_lightning.core.trace import BNPairTracer, run_forward
 from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer
 
-__all__ = ["FASTER_MARGIN", "FOLDED_ATTR", "RANK_MULTIPLE", "GemmFactorizedConv",
+__all__ = ["FASTER_MARGIN", "FOLDED_ATTR", "PREPARED_ATTR", "RANK_MULTIPLE", "GemmFactorizedConv",
            "can_pad_rank", "fold_batchnorms_", "has_hooks", "is_plain_pair", "is_pointwise_pair",
            "median_ratio", "output_error", "output_rtol", "pad_rank", "pad_ranks",
            "prepare_for_inference", "race", "tensor_leaves", "time_rounds", "use_faster_forms_"]
@@ -160,6 +160,8 @@ def prepare_for_inference(
             f"else (relative output error {error:.3g} > {tolerance:g}); the model is "
             "returned unprepared (in eval mode)", RuntimeWarning, stacklevel=2)
         return reference
+    # save_compact saves it even where every layer was made dense (faster here).
+    setattr(prepared, PREPARED_ATTR, True)
     return prepared
 
 
@@ -265,6 +267,9 @@ def fold_batchnorms_(model: nn.Module, example_inputs: Any) -> list[str]:
         setattr(model, FOLDED_ATTR, [*folded, *pairs.values()])
     return list(pairs.values())
 
+
+#: Set (to ``True``) on the model :func:`prepare_for_inference` returns prepared.
+PREPARED_ATTR = "_lrpet_prepared"
 
 #: The attribute in which :func:`fold_batchnorms_` lists, on the module it folded, the
 #: BatchNorms it replaced by ``nn.Identity`` (read by ``save_compact``).
