@@ -282,6 +282,11 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._backward_hooks or module._backward_pre_hooks)
 
 
+def _hooked(layer: nn.Module) -> bool:
+    """Whether ``layer`` or a module inside it has a hook (see :func:`has_hooks`)."""
+    return any(has_hooks(m) for m in layer.modules())
+
+
 def _holds(ancestor: str, name: str) -> bool:
     """Whether the module named ``ancestor`` is the one named ``name`` or contains it."""
     return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
@@ -436,7 +441,7 @@ def use_faster_forms_(
         if name not in inputs:  # it never ran
             continue
         forms[name] = [layer]
-        if any(has_hooks(m) for m in layer.modules()):
+        if _hooked(layer):
             continue  # another form would not run the hooks, or feed them other tensors
         if can_pad_rank(layer, RANK_MULTIPLE):
             forms[name].append(pad_rank(layer, RANK_MULTIPLE))
@@ -632,7 +637,7 @@ def _all_dense(model: nn.Module, channels_last: bool) -> nn.Module:
     """A copy of ``model`` with every factorized layer as its dense equivalent."""
     dense = copy.deepcopy(model)
     for name, layer in list(dense.named_modules()):
-        if isinstance(layer, FactorizedLayer) and not any(has_hooks(m) for m in layer.modules()):
+        if isinstance(layer, FactorizedLayer) and not _hooked(layer):
             form = layer.to_dense()
             if channels_last:
                 _to_channels_last_(form)
