@@ -102,7 +102,9 @@ class LowRankProjectionCallback(Callback):
             training batches, kept in memory (references to the batches, on their device):
             without it they describe the weights before the projection, and the validation
             that follows (and a final model tested as it is) scores below what the weights
-            can do (docs/app.md). Default 0: off, as in the paper.
+            can do (docs/app.md). Default 0: off, as in the paper. The kept batches are
+            not checkpointed: a projection within this many batches of a resume uses the
+            batches seen since (so that resume is not bit-exact), and says so.
         decompose_on_fit_end: replace each projected layer by its two thin layers when
             training ends (dense checkpoints such as ``"best"`` still load into it).
         log_per_layer: also log each layer's kept energy and relative change.
@@ -229,6 +231,35 @@ class LowRankProjectionCallback(Callback):
         self._fit.ranks = dict(state_dict.get("ranks", {}))
         budget_ranks = state_dict.get("budget_ranks")
         self._fit.budget_ranks = None if budget_ranks is None else dict(budget_ranks)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Runs before Lightning hands each callback its state: a relaunch whose LRPET
+        # settings changed (another rank_ratio) finds its state under another key, which
+        # Lightning would skip with a generic notice. Say what it means; with one such
+        # state, carry its counters on (results count every projection the weights had).
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        others = [k for k in states if str(k).startswith(type(self).__name__)]
+        if not others:
+            return
+        carried = len(others) == 1 and sum(
+            isinstance(c, LowRankProjectionCallback) for c in trainer.callbacks) == 1
+        if carried:
+            old = states[others[0]]
+            self.num_projections = old.get("num_projections", 0)
+            self.last_projected_step = old.get("last_projected_step", -1)
+            self.last_projected_epoch = old.get("last_projected_epoch", -1)
+        rank_zero_warn(
+            f"LRPET: the checkpoint's LRPET state was saved with other settings "
+            f"({'; '.join(map(str, others))}), not these ({self.state_key}). The ranks are "
+            "planned from the current settings" + (" (a solved budget is solved again)"
+            if self.config.budget is not None else "") + "; "
+            + (f"the projection count goes on from {self.num_projections}" if carried
+               else "the counters start from 0") + ". Relaunch with the same settings to "
+            "resume the run as it was.")
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -416,7 +447,10 @@ class LowRankProjectionCallback(Callback):
         """bn_recalibration: the norms' statistics for the weights just projected; under DDP
         every process then takes rank 0's (each kept its own last batches), one model."""
         try:
-            self._fit.recent.recalibrate()
+            used = self._fit.recent.recalibrate()
+            if used < self.bn_recalibration:  # e.g. a projection soon after a resume
+                rank_zero_info(f"LRPET: bn_recalibration used the {used} training batch(es) "
+                               f"seen since this fit started, not {self.bn_recalibration}")
         except Exception as err:  # noqa: BLE001 - never lose the training over statistics
             rank_zero_warn(f"LRPET: bn_recalibration failed ({type(err).__name__}: {err}); "
                            "the BatchNorm statistics stay as training left them")
@@ -440,8 +474,6 @@ class LowRankProjectionCallback(Callback):
         publish_report(trainer, self.compression, log_dir)
 
 
-
-
 def _decompose(trainer: pl.Trainer, pl_module: pl.LightningModule, ranks: Mapping[str, int],
                include_linear: bool) -> bool:
     """Decompose at fit end; whether it was done."""
@@ -455,12 +487,6 @@ def _decompose(trainer: pl.Trainer, pl_module: pl.LightningModule, ranks: Mappin
     decomposed = decompose_(pl_module, ranks=ranks, include_linear=include_linear)
     rank_zero_info(f"LRPET: decomposed {len(decomposed)} layer(s) into thin pairs")
     return True
-
-
-
-
-
-
 
 
 def _check_overlap(me: LowRankProjectionCallback, trainer: pl.Trainer,

@@ -5,7 +5,6 @@ the callback decides when; this object holds what one fit planned and saw.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +26,7 @@ from lrpet_lightning.core.plan import (
 from lrpet_lightning.core.report import CompressionReport, rank_report
 from lrpet_lightning.core.trace import BNPairTracer, InputRecorder
 from lrpet_lightning.core.transforms import LayerRecord, decomposed_ranks
-from lrpet_lightning.core.walk import TargetLayer
+from lrpet_lightning.core.walk import TargetLayer, copy_model
 
 __all__ = ["FitState"]
 
@@ -80,9 +79,9 @@ class FitState:
             self.plan = LayerPlan([])
             messages.append((True, "the model is already decomposed into thin layers; "
                                    "nothing is left to project"))
-        if self.plan.skipped:
+        if self.plan.skipped or self.plan.notes:
             messages.append((False, skip_message("LowRankProjectionCallback",
-                                                 self.plan.skipped)))
+                                                 self.plan.skipped, self.plan.notes)))
         if config.budget is not None and self.budget_ranks is not None and self.layers:
             set_ranks(self.layers, self.budget_ranks,
                       "LRPET: the budget ranks restored from the checkpoint")
@@ -113,9 +112,12 @@ class FitState:
         messages = [skip_message("LowRankProjectionCallback", traced.skipped, traced.notes)]
         if (bn_rectification and not trace.pairs
                 and any(isinstance(m, _BatchNorm) for m in model.modules())):
-            messages.append("no conv feeds a BatchNorm directly in the first training step (a "
-                            "compiled model hides its data flow from hooks); BN rectification "
-                            "is off. Set bn_rectification=False to silence this.")
+            why = ("each BatchNorm follows another op or a layer left alone" if trace.ran
+                   else "no projected layer's hook ran: a compiled model hides its data flow "
+                        "from hooks")
+            messages.append(f"no projected conv feeds a BatchNorm directly in the first "
+                            f"training step ({why}); BN rectification is off. Set "
+                            "bn_rectification=False to silence this.")
         if self.inputs is not None and self.inputs.problem:
             messages.append(f"{self.inputs.problem}; the compression report is skipped")
         return [m for m in messages if m]
@@ -143,7 +145,7 @@ class FitState:
         ``broadcast`` makes one decision for every replica, whatever their SVD round-off.
         """
         self.budget_solution = solve_ranks_for_layers(
-            copy.deepcopy(network.eager), network.local_layers(self.layers), config,
+            copy_model(network.eager), network.local_layers(self.layers), config,
             self.example_inputs)
         self.budget_ranks = dict(broadcast(network.qualified(self.budget_solution.ranks)))
         set_ranks(self.layers, self.budget_ranks, "LRPET: the broadcast budget ranks")

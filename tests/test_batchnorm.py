@@ -180,6 +180,23 @@ def test_callback_bn_recalibration_is_checked_and_off_by_default() -> None:
         LowRankProjectionCallback(rank_ratio=0.5, bn_recalibration=-2)
 
 
+def test_callback_says_when_it_recalibrates_on_fewer_batches(caplog) -> None:
+    """Fewer batches than asked are kept: in a short first epoch, or right after a resume
+    (the kept batches are not checkpointed)."""
+    import logging
+
+    from helpers import Tiny, make_trainer
+
+    from lrpet_lightning import LowRankProjectionCallback
+
+    lrpet = LowRankProjectionCallback(rank_ratio=0.25, bn_recalibration=5, report=False)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        make_trainer([lrpet], max_epochs=2).fit(Tiny(n_batches=2))
+    said = [r.getMessage() for r in caplog.records if "bn_recalibration used" in r.getMessage()]
+    assert said == [f"LRPET: bn_recalibration used the {n} training batch(es) seen since this "
+                    "fit started, not 5" for n in (2, 4)], said  # one per projection
+
+
 def test_a_failing_callback_recalibration_warns_and_training_goes_on(monkeypatch) -> None:
     from helpers import Tiny, make_trainer
 

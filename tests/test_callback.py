@@ -627,13 +627,25 @@ class SameOnEveryRank(L.Callback):
 @pytest.mark.timeout(300)
 def test_ddp_spawn_on_cpu(tmp_path: Path) -> None:
     # Every rank must reach the same collectives (trainer.log_dir broadcasts) or fit end hangs.
-    model = Tiny()
-    callbacks = [LowRankProjectionCallback(rank_ratio=0.25, every_n_epochs=2), SameOnEveryRank()]
-    trainer = make_trainer(callbacks, max_epochs=3, strategy="ddp_spawn", devices=2,
-                           logger=CSVLogger(tmp_path))
-    trainer.fit(model)
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    for attempt in range(2):
+        model, logs = Tiny(), tmp_path / str(attempt)
+        callbacks = [LowRankProjectionCallback(rank_ratio=0.25, every_n_epochs=2),
+                     SameOnEveryRank()]
+        trainer = make_trainer(callbacks, max_epochs=3, strategy="ddp_spawn", devices=2,
+                               logger=CSVLogger(logs))
+        try:
+            trainer.fit(model)
+            break
+        except ProcessExitedException as err:
+            # Seen once in CI on a loaded 2-core machine: a worker that had finished the fit
+            # (report written) aborted in gloo's teardown at interpreter exit ("terminate
+            # called without an active exception"). Once is torch's race; twice fails here.
+            if err.signal_name != "SIGABRT" or attempt:
+                raise
     assert conv_ranks(model) == dict.fromkeys(CONVS, RANK)  # weights come back from rank 0
-    assert len(list(tmp_path.rglob("compression_report.json"))) == 1
+    assert len(list(logs.rglob("compression_report.json"))) == 1
 
 
 # ------------------------------------------------------------- public read-only state

@@ -267,8 +267,49 @@ def test_no_bn_pair_warning_only_while_bn_rectification_is_asked_for(
         warnings.simplefilter("always")
         trainer([cb]).fit(model)
     said = [str(w.message) for w in got]
-    assert any("no conv feeds a BatchNorm" in m for m in said) == bn_rectification
+    # The layers ran (hooks saw them): the reason is the model's data flow, not compiling.
+    why = "no projected conv feeds a BatchNorm directly in the first training step (each " \
+          "BatchNorm follows another op or a layer left alone)"
+    assert any(why in m for m in said) == bn_rectification, said
+    assert not any("compiled" in m for m in said)
     assert cb.num_projections == 1
+
+
+def test_a_fit_of_a_partly_decomposed_model_reports_against_the_dense_one() -> None:
+    """Continuing a run whose checkpoint holds some thin layers: the callback plans the
+    others, and its report counts the thin ones as compressed (it said 0 % before)."""
+    from lrpet_lightning import decompose_
+
+    whole = LowRankProjectionCallback(rank_ratio=0.25)
+    trainer([whole]).fit(Tiny())
+    model = Tiny()
+    decompose_(model.net, ranks={"conv2": 4})
+    partly = LowRankProjectionCallback(rank_ratio=0.25)
+    trainer([partly]).fit(model)
+    assert set(partly.ranks) == {"net.conv1", "net.late"}
+    assert partly.compression.flops_reduction == whole.compression.flops_reduction > 0.5
+    assert partly.compression.params_reduction == whole.compression.params_reduction
+
+
+def test_a_relaunch_with_other_settings_says_so_and_counts_on(tmp_path) -> None:
+    first = trainer([LowRankProjectionCallback(rank_ratio=0.25, report=False)],
+                    max_epochs=2)
+    first.fit(Tiny())
+    path = tmp_path / "run.ckpt"
+    first.save_checkpoint(path)
+    changed = LowRankProjectionCallback(rank_ratio=0.5, report=False)
+    with pytest.warns(UserWarning, match=r"saved with other settings \(LowRankProjection"
+                                         r"Callback\{'rank_ratio': 0.25.*the projection "
+                                         r"count goes on from 2"):
+        trainer([changed], max_epochs=3).fit(Tiny(), ckpt_path=path)
+    assert changed.num_projections == 3 and changed.last_projected_epoch == 2
+    assert changed.ranks == dict.fromkeys(["net.conv1", "net.conv2", "net.late"], 8)
+    same = LowRankProjectionCallback(rank_ratio=0.25, report=False)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        trainer([same], max_epochs=3).fit(Tiny(), ckpt_path=path)
+    assert not any("other settings" in str(w.message) for w in got)
+    assert same.num_projections == 3
 
 
 def test_first_sample_keeps_namedtuples() -> None:

@@ -280,6 +280,50 @@ def test_unsupported_weight_matrices_are_named_with_their_share() -> None:
     assert "rnn: recurrent layer (LSTM): not supported" in text and "% of parameters" in text
 
 
+class OwnMatrices(nn.Module):
+    """Weight matrices outside any Conv/Linear: a hand-written ``x @ self.weight.T``
+    layer, an embedding, a Bilinear, and a matrix held by the model itself."""
+
+    class MatMul(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 8))
+            self.bias = nn.Parameter(torch.zeros(8))  # a vector: not a matrix
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight.T + self.bias
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.mm = self.MatMul()
+        self.bilinear = nn.Bilinear(8, 8, 8)
+        self.pos = nn.Parameter(torch.zeros(1, 4, 8))
+        self.token = nn.Parameter(torch.zeros(1, 1, 8))  # one dimension above 1: no matrix
+        self.fc = nn.Linear(8, 8)
+
+
+def test_weight_matrices_of_other_modules_are_named() -> None:
+    _, text = _warned(project_low_rank_, OwnMatrices(), rank_ratio=0.25, include_linear=True,
+                      bn_rectification=False)
+    assert "embed: embedding table (a lookup, not a matrix product)" in text
+    assert "mm: MatMul computes with its own weight in its own forward" in text
+    assert "bilinear: Bilinear computes with its own weight" in text
+    assert "(model): OwnMatrices computes with its own pos in" in text, text
+    assert "token" not in text and "bias" not in text and "  fc:" not in text
+    share = 100 * 32 / sum(p.numel() for p in OwnMatrices().parameters())
+    assert f"pos in its own forward: only Conv/Linear layers are projected; {share:.1f} %" in text
+
+
+def test_parametrized_layer_is_named_once_not_again_for_its_parametrization() -> None:
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(weight_norm(nn.Conv2d(3, 8, 3)), nn.Conv2d(8, 8, 3))
+    _, text = _warned(project_low_rank_, model, rank_ratio=0.25, bn_rectification=False)
+    assert "0: weight is computed by a parametrization" in text
+    assert "parametrizations" not in text and "ParametrizationList" not in text, text
+
+
 # ------------------------------------------------------------------------ thin layers
 def test_thin_layers_keep_conv_attributes_and_frozen_flags() -> None:
     conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import CONVS, Tiny, conv_ranks, make_trainer
+from helpers import Tiny, conv_ranks, make_trainer
 from torch import nn
 
 from lrpet_lightning import (
@@ -142,11 +142,31 @@ def test_callback_ends_with_multiples_of_8() -> None:
     torch.manual_seed(0)
     model = Tiny()
     cb = LowRankProjectionCallback(rank_ratio=0.4, rank_multiple=8, report=False)
-    make_trainer([cb], max_epochs=1).fit(model)
-    # rank_ratio 0.4 of 16 alone would give 6
-    assert cb.ranks == dict.fromkeys(CONVS, 8)
-    ranks = conv_ranks(model)  # the trained weights are exactly rank 8
-    assert all(ranks[name] == 8 for name in CONVS), ranks
+    with pytest.warns(UserWarning, match=r"net.conv3: rank 8 of 16 \(rounded to a multiple"):
+        make_trainer([cb], max_epochs=1).fit(model)
+    # rank_ratio 0.4 of 16 alone would give 6; conv3 (1x1, 16x16) at 8 would not pay
+    assert cb.ranks == {"net.conv1": 8, "net.conv2": 8, "net.conv3": 16}
+    assert conv_ranks(model) == cb.ranks  # the trained weights: exactly those ranks
+    assert cb.records[2].skipped == "rank >= full rank"
+
+
+def test_rounding_to_a_rank_that_would_not_pay_keeps_full_rank() -> None:
+    # Linear(9, 64): 0.5 * 9 = 4, rounded to 8; 8 * (64 + 9) >= 64 * 9, so its thin pair
+    # would be bigger than it: projecting it each time would cost accuracy for nothing.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(9, 64), nn.ReLU(), nn.Linear(64, 128))
+    plan = select_plan(model, LowRankConfig(rank_ratio=0.5, include_linear=True,
+                                            rank_multiple=8))
+    assert plan.ranks == {"0": 9, "2": 32}
+    assert "rank 8 of 9" in plan.notes["0"] and "64x9 weight" in plan.notes["0"]
+    unrounded = select_plan(model, LowRankConfig(rank_ratio=0.5, include_linear=True))
+    assert unrounded.ranks == {"0": 4, "2": 32} and not unrounded.notes  # as asked
+    before = model[0].weight.clone()
+    with pytest.warns(UserWarning, match="would not be factorized"):
+        records = project_low_rank_(model, rank_ratio=0.5, include_linear=True,
+                                    rank_multiple=8, bn_rectification=False)
+    assert records[0].skipped == "rank >= full rank" and records[1].skipped is None
+    assert torch.equal(model[0].weight, before)
 
 
 def test_state_key_only_changes_with_rounding() -> None:

@@ -164,3 +164,40 @@ def test_a_parametrized_weight_is_counted_by_its_owner() -> None:
     x = torch.randn(1, 3, 12, 12)
     report = compression_report(model, copy.deepcopy(model), x)
     assert report.uncounted == {} and not report.uncounted_note()
+
+
+# ------------------------------------------------------------------------- rank_report
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3))
+
+
+def test_rank_report_of_a_partly_decomposed_model_counts_from_the_dense_one() -> None:
+    """A run continued from a checkpoint that decomposed some layers plans the rest: the
+    report must still compare with the dense model (it said 0 % before)."""
+    from lrpet_lightning.core.report import rank_report
+
+    x = torch.randn(1, 3, 12, 12)
+    ranks = {"0": 4, "2": 8, "4": 8}
+    expected = rank_report(_small_net(), ranks, x)
+    partly = _small_net()
+    decompose_(partly, ranks={"2": 8, "4": 8})
+    report = rank_report(partly, {"0": 4}, x)
+    assert report.flops_reduction == expected.flops_reduction > 0.5
+    assert report.params_reduction == expected.params_reduction
+    assert [(row.name, row.rank) for row in report.layers] == [("0", 4), ("2", 8), ("4", 8)]
+    assert type(partly[2]).__name__ != "Conv2d"  # the model itself was not recomposed
+
+
+def test_rank_report_copies_a_model_with_a_legacy_weight_norm_layer() -> None:
+    from lrpet_lightning.core.report import rank_report
+
+    model = _small_net()
+    with pytest.warns(FutureWarning):
+        nn.utils.weight_norm(model[4])
+    x = torch.randn(1, 3, 12, 12)
+    model(x)  # the hook has set .weight, a computed tensor deepcopy refuses
+    report = rank_report(model, {"0": 4, "2": 8}, x)
+    assert [(row.name, row.rank) for row in report.layers] == [("0", 4), ("2", 8), ("4", None)]
+    assert report.flops_reduction > 0

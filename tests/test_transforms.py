@@ -392,6 +392,34 @@ def test_all_zero_layer_is_skipped() -> None:
     assert not model[0].weight.any()
 
 
+@pytest.mark.parametrize("scale", [1e-7, 1e-5, 0.3, 3.0])
+def test_a_small_layer_is_projected_as_its_scaled_copy_is(scale: float) -> None:
+    """The reference skips a layer whose top singular value is below 1e-4: absolute, so a
+    small but full-rank layer stayed full rank while the reports counted it at rank r.
+    Now it is projected like the same layer scaled by a power of two (exactly)."""
+    import math
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(scale / model[0].weight.norm())
+        model[1].weight.uniform_(0.5, 2.0)
+        model[1].running_var.uniform_(0.5, 2.0)
+    norm = float(torch.linalg.matrix_norm(model[0].weight.reshape(16, -1)))
+    power = 2.0 ** -math.floor(math.log2(norm)) if norm < 1 else 1.0
+    big = copy.deepcopy(model)
+    with torch.no_grad():
+        big[0].weight.mul_(power)
+    x = torch.randn(2, 8, 6, 6)
+    (small_record,) = project_low_rank_(model, rank_ratio=0.25, example_inputs=x)
+    (big_record,) = project_low_rank_(big, rank_ratio=0.25, example_inputs=x)
+    assert small_record.skipped is None and small_record.bn_rectified
+    assert torch.equal(model[0].weight * power, big[0].weight)
+    assert small_record.kept_energy == big_record.kept_energy < 1
+    s = torch.linalg.svdvals(model[0].weight.reshape(16, -1).double())
+    assert s[4] < 1e-5 * s[0] and s[3] > 0.1 * s[0]  # rank 4 at any scale
+
+
 # --------------------------------------------------------------------- decomposition
 def _check_factorized(fact: nn.Module, dense: nn.Module, rank: int) -> None:
     """Shapes and settings the method (docs/method.md) prescribes for the two thin layers."""

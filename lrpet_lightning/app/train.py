@@ -9,7 +9,6 @@ defines). With ``spawn_ranks=true`` each of ``trainer.devices`` processes runs a
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -46,6 +45,7 @@ from lrpet_lightning.core.batchnorm import (
 from lrpet_lightning.core.checkpoint import atomic_write, save_compact
 from lrpet_lightning.core.report import CompressionReport
 from lrpet_lightning.core.transforms import decompose_, decomposed_ranks
+from lrpet_lightning.core.walk import copy_model
 from lrpet_lightning.models import build_model
 from lrpet_lightning.plots import layer_spectra, plot_compression
 
@@ -170,7 +170,7 @@ def evaluate(run: Run, status: str) -> Evaluation:
     # status failed: the fit-end steps failed, so the callback's report may not be this model's
     compression = lrpet.compression if lrpet and usable and status != "failed" else None
     if usable and lrpet is not None and lrpet.ranks and not decomposed_ranks(net):
-        dense = copy.deepcopy(net) if compression is None and status != "failed" else None
+        dense = copy_model(net) if compression is None and status != "failed" else None
         run.guard("decompose", decompose_, run.module, ranks=lrpet.ranks,
                   include_linear=lrpet.config.include_linear)
         if dense is not None and decomposed_ranks(net):

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from lrpet_lightning.core.checks import check_int
 from lrpet_lightning.core.factorized import FactorizedConv, FactorizedLayer
 from lrpet_lightning.core.trace import BNPairTracer, run_forward
-from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer
+from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer, copy_model
 
 __all__ = ["FASTER_MARGIN", "FOLDED_ATTR", "PREPARED_ATTR", "RANK_MULTIPLE", "GemmFactorizedConv",
            "can_pad_rank", "fold_batchnorms_", "has_hooks", "is_plain_pair", "is_pointwise_pair",
@@ -114,14 +114,14 @@ def prepare_for_inference(
     check_int("repeats", repeats, minimum=1, meaning="timed runs per candidate")
 
     try:
-        reference = copy.deepcopy(model).eval()
+        reference = copy_model(model).eval()
     except RuntimeError as err:  # e.g. the legacy torch.nn.utils.weight_norm hook
         raise ValueError(
             f"prepare_for_inference works on a copy, but this {type(model).__name__} cannot be "
             f"deep-copied ({err}); remove legacy weight-norm hooks first "
             "(torch.nn.utils.remove_weight_norm) or use torch.nn.utils.parametrizations"
         ) from err
-    prepared = copy.deepcopy(model).eval()
+    prepared = copy_model(model).eval()
     with torch.no_grad():
         expected = run_forward(reference, example_inputs)
         fold_batchnorms_(prepared, example_inputs)
@@ -137,7 +137,7 @@ def prepare_for_inference(
                 f"channels_last tensors ({failure}); pass channels_last=False, or "
                 "'auto' (which keeps contiguous tensors where channels_last fails)")
         if latency_aware and any(isinstance(m, FactorizedLayer) for m in prepared.modules()):
-            factorized = copy.deepcopy(prepared)
+            factorized = copy_model(prepared)
             use_faster_forms_(prepared, inputs, repeats, channels_last=channels_last)
             # Per-layer timings can mislead on a loaded machine (a layer's time there is
             # mostly waiting for a time slice); the whole model decides in the end.
@@ -177,7 +177,7 @@ def _errors_against_float32(model: nn.Module, prepared: nn.Module, expected: Any
     def single(x: Any) -> Any:
         return x.float() if isinstance(x, Tensor) and x.is_floating_point() else x
 
-    full = copy.deepcopy(model).float().eval()
+    full = copy_model(model).float().eval()
     truth = run_forward(full, tree_map(single, inputs))
     got = run_forward(prepared, inputs)
     return output_error(got, truth), max(3 * output_error(expected, truth), OUTPUT_RTOL)
@@ -384,7 +384,7 @@ def _to_format(inputs: Any, channels_last: bool) -> Any:
 def _channels_last_is_faster(model: nn.Module, example_inputs: Any, repeats: int) -> bool:
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return False
-    candidate = copy.deepcopy(model)
+    candidate = copy_model(model)
     _to_channels_last_(candidate)
     nchw = _to_format(example_inputs, False)
     nhwc = _to_format(example_inputs, True)
@@ -595,7 +595,7 @@ def pad_ranks(model: nn.Module, multiple: int = RANK_MULTIPLE) -> nn.Module:
     names = [n for n, m in model.named_modules() if can_pad_rank(m, multiple)]
     if not names:
         return model
-    padded = copy.deepcopy(model)
+    padded = copy_model(model)
     for name in names:
         padded.set_submodule(name, pad_rank(padded.get_submodule(name), multiple))
     return padded
@@ -635,7 +635,7 @@ def _fastest_model(
 
 def _all_dense(model: nn.Module, channels_last: bool) -> nn.Module:
     """A copy of ``model`` with every factorized layer as its dense equivalent."""
-    dense = copy.deepcopy(model)
+    dense = copy_model(model)
     for name, layer in list(dense.named_modules()):
         if isinstance(layer, FactorizedLayer) and not _hooked(layer):
             form = layer.to_dense()

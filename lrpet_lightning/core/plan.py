@@ -143,7 +143,7 @@ def select_plan(model: nn.Module, config: LowRankConfig) -> LayerPlan:
         {'0': 4, '1': 4}
     """
     selection: Selection = select(model, _selection_config(config))
-    return LayerPlan(selection.layers, dict(selection.skipped))
+    return LayerPlan(selection.layers, dict(selection.skipped), dict(selection.notes))
 
 
 def set_ranks(layers: Sequence[TargetLayer], ranks: Mapping[str, int],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import warnings
@@ -18,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lrpet_lightning.core.factorized import FactorizedLayer
 from lrpet_lightning.core.trace import eval_mode, run_forward
-from lrpet_lightning.core.walk import CONV_TYPES, full_rank_of, is_hf_conv1d
+from lrpet_lightning.core.walk import CONV_TYPES, copy_model, full_rank_of, is_hf_conv1d
 
 if TYPE_CHECKING:
     from lrpet_lightning.core.transforms import LayerRecord
@@ -217,6 +216,7 @@ def compression_report(
     Example:
         >>> from lrpet_lightning.core.transforms import decompose_
         >>> model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 32, 3))
+        >>> import copy
         >>> dense = copy.deepcopy(model); _ = decompose_(model, rank_ratio=0.25)
         >>> report = compression_report(dense, model, torch.randn(1, 3, 16, 16))
         >>> [(row.name, row.rank) for row in report.layers]
@@ -260,7 +260,8 @@ def rank_report(model: nn.Module, ranks: Mapping[str, int], example_inputs: Any,
                 include_linear: bool = False) -> CompressionReport:
     """The compression report of ``model`` decomposed at ``ranks`` (``{layer: rank}``), both
     counted on copies: ``model`` itself is neither changed nor run (its forward may have side
-    effects, e.g. hooks or counters).
+    effects, e.g. hooks or counters). Layers of ``model`` that are already factorized count
+    as compressed: "before" is the model with every layer dense.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 32, 3))
@@ -268,9 +269,12 @@ def rank_report(model: nn.Module, ranks: Mapping[str, int], example_inputs: Any,
         >>> [(row.name, row.rank) for row in report.layers]
         [('0', None), ('1', 8)]
     """
-    from lrpet_lightning.core.transforms import decompose_
+    from lrpet_lightning.core.transforms import decompose_, recompose_
 
-    dense, compact = copy.deepcopy(model), copy.deepcopy(model)
+    dense, compact = copy_model(model), copy_model(model)
+    # "Before" is the dense model: layers already thin (a run continued from a checkpoint
+    # that decomposed some of them) count as compressed, not as the baseline.
+    recompose_(dense)
     with warnings.catch_warnings():  # decompose_'s notes are for a real decomposition
         warnings.simplefilter("ignore")
         decompose_(compact, ranks=dict(ranks), include_linear=include_linear)

@@ -7,6 +7,7 @@ keeps working.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -99,15 +100,21 @@ def _project_with_fallbacks(
     raise RuntimeError(f"SVD failed after {len(attempts)} attempts: {error}")
 
 
-def _is_zero(M: torch.Tensor) -> bool:
-    """The reference code's all-zero test, on the raw weight (never the BN-rectified one: a
-    BatchNorm with gamma = 0 would hide a non-zero weight): largest singular value below
-    ``ZERO_LAYER_TOL``. ``||M||_2 <= ||M||_F``, so the Frobenius norm decides most cases."""
+def _unit_scale(M: torch.Tensor) -> float:
+    """A power of two that brings ``||M||_F`` into [1, 2) when it is below 1 (else 1): exact
+    in floating point, so projecting ``M * scale`` and dividing back is projecting ``M``.
+
+    The reference code skips a layer whose largest singular value is below 1e-4
+    (``ZERO_LAYER_TOL``, which :func:`project_matrix` keeps). That test is absolute: a small
+    but full-rank layer would be left full rank while every report counts it at rank r. On
+    the scaled weight the test sees the weight relative to its own norm, so only a weight
+    that is all zeros (``scale`` 0 here: nothing to project, already rank 0) is skipped, and
+    a BatchNorm that zeroes every channel is still seen as one.
+    """
     norm = float(torch.linalg.matrix_norm(M))
-    if norm < ZERO_LAYER_TOL:
-        return True
-    return norm < ZERO_LAYER_TOL * min(M.shape) ** 0.5 and float(
-        torch.linalg.matrix_norm(M.double(), ord=2)) < ZERO_LAYER_TOL
+    if norm == 0.0:
+        return 0.0
+    return 2.0 ** -math.floor(math.log2(norm)) if norm < 1.0 else 1.0
 
 
 @torch.no_grad()
@@ -151,10 +158,12 @@ def project_layers_(layers: Sequence[TargetLayer], config: LowRankConfig) -> lis
             records.append(LayerRecord(**record, kept_energy=float("nan"),
                                        relative_change=0.0, skipped="non-finite values"))
             continue
-        if _is_zero(M):
+        unit = _unit_scale(M)
+        if unit == 0.0:
             records.append(LayerRecord(**record, kept_energy=1.0, relative_change=0.0,
                                        skipped="all-zero layer"))
             continue
+        M = M * unit if unit != 1.0 else M
         try:
             result = _project_with_fallbacks(M, layer.rank, scale, config)
             if scale is not None and result.top_singular_value < ZERO_LAYER_TOL:
@@ -168,7 +177,8 @@ def project_layers_(layers: Sequence[TargetLayer], config: LowRankConfig) -> lis
             records.append(LayerRecord(**record, kept_energy=float("nan"),
                                        relative_change=0.0, skipped=f"SVD failed: {err}"))
             continue
-        writes.append((weight, layer.weight_from_matrix(result.matrix).to(weight)))
+        projected = result.matrix / unit if unit != 1.0 else result.matrix
+        writes.append((weight, layer.weight_from_matrix(projected).to(weight)))
         records.append(LayerRecord(**record, kept_energy=result.kept_energy,
                                    relative_change=result.relative_change))
     for weight, new in writes:  # all at once: never a half-projected model
@@ -265,7 +275,7 @@ def project_low_rank_(
     records = project_layers_(plan.layers, config)
     for record in records:  # left as they are, though targeted: said in the one warning
         if record.skipped in ("all-zero layer", "rank >= full rank"):
-            plan.notes[record.name] = f"{record.skipped}: left as it is (rank " \
-                                      f"{record.rank} of {record.full_rank})"
+            plan.notes.setdefault(record.name, f"{record.skipped}: left as it is (rank "
+                                               f"{record.rank} of {record.full_rank})")
     plan.warn("project_low_rank_")
     return records

@@ -11,20 +11,23 @@ verbs turn into one warning the user sees.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 from lrpet_lightning.core.config import LowRankConfig
-from lrpet_lightning.core.linalg import rank_from_ratio
+from lrpet_lightning.core.linalg import factorization_pays, rank_from_ratio
 
 __all__ = [
     "CONV_TYPES",
     "Selection",
     "TargetLayer",
+    "copy_model",
     "full_rank_of",
     "is_hf_conv1d",
     "layer_matrix",
@@ -68,6 +71,25 @@ def full_rank_of(module: nn.Module) -> int:
     return min(w.shape[0], w[0].numel())
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also of a model holding a computed tensor as a plain
+    attribute (the legacy ``nn.utils.weight_norm`` hook keeps ``.weight = g * v / ||v||``,
+    which ``deepcopy`` refuses): such a tensor is copied detached; the hook recomputes it
+    before every forward.
+
+    Example:
+        >>> net = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 4)))
+        >>> copy_model(net)[0].weight_v.shape
+        torch.Size([4, 4])
+    """
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 @dataclass
 class TargetLayer:
     """One layer LRPET projects: its qualified name, module, kept rank and following BN."""
@@ -104,6 +126,8 @@ class Selection:
     #: ``{module name: why it is not projected}`` (not the layers a pattern or
     #: ``include_linear=False`` left out by choice: those are the caller's decision).
     skipped: dict[str, str] = field(default_factory=dict)
+    #: Notes on targeted layers (a rank ``rank_multiple`` rounded to one that would not pay).
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -155,6 +179,28 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
         return "nn.MultiheadAttention in_proj_weight (read by its functional forward)"
     return None
+
+
+def _own_matrices(module: nn.Module) -> list[str]:
+    """The parameters of ``module``'s own (not its children's) that are matrices: two or
+    more dimensions above 1 (a conv kernel, a table; not a bias, a scale or a class token)."""
+    return [n for n, p in module._parameters.items()
+            if p is not None and not isinstance(p, nn.parameter.UninitializedParameter)
+            and sum(d > 1 for d in p.shape) >= 2]
+
+
+def _other_matrix_reason(module: nn.Module) -> str | None:
+    """Why a module of no supported type that computes with a matrix of its own (a custom
+    ``x @ self.weight.T``, ``nn.Embedding``, ``nn.Bilinear``) is not projected, or None."""
+    if isinstance(module, (nn.Linear, parametrize.ParametrizationList)) or is_hf_conv1d(module):
+        return None  # a Linear left out by include_linear=False; a parametrized layer's own
+    names = _own_matrices(module)
+    if not names:
+        return None
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding table (a lookup, not a matrix product): not projected"
+    return (f"{type(module).__name__} computes with its own {', '.join(names)} in its own "
+            "forward: only Conv/Linear layers are projected")
 
 
 def _weight_owners(model: nn.Module) -> dict[int, set[int]]:
@@ -218,9 +264,12 @@ def select(model: nn.Module, config: LowRankConfig) -> Selection:
         if name in inside_factorized:
             continue
         if not _eligible_type(module, config.include_linear):
-            reason = _unsupported_reason(module)
+            reason, size = _unsupported_reason(module), _params(module)
+            if reason is None:  # its own matrices only: a model may hold a pos_embed itself
+                reason = _other_matrix_reason(module)
+                size = sum(module._parameters[n].numel() for n in _own_matrices(module))
             if reason is not None:
-                skipped[name] = f"{reason}; {100 * _params(module) / total:.1f} % of parameters"
+                skipped[name or "(model)"] = f"{reason}; {100 * size / total:.1f} % of parameters"
             continue
         reason = _skip_reason(module, parents.get(name))
         if reason is None:
@@ -260,6 +309,7 @@ def select(model: nn.Module, config: LowRankConfig) -> Selection:
             )
 
     layers = []
+    notes: dict[str, str] = {}
     for name, module in eligible:
         spec = _rank_spec(name, ranks, config.rank_ratio)
         if spec is None:
@@ -267,6 +317,14 @@ def select(model: nn.Module, config: LowRankConfig) -> Selection:
         n = full_rank_of(module)
         if isinstance(spec, float):
             rank = rank_from_ratio(n, spec, config.min_rank, config.rank_multiple)
+            rows, cols = layer_matrix(module).shape
+            if config.rank_multiple > 1 and rank < n and not factorization_pays(rows, cols, rank):
+                # Rounded up to a rank whose thin pair is bigger than the layer: it would be
+                # projected every time (losing accuracy) and then kept dense anyway.
+                notes[name] = (f"rank {rank} of {n} (rounded to a multiple of rank_multiple="
+                               f"{config.rank_multiple}) would not be factorized ({rows}x{cols}"
+                               " weight): kept at full rank, not projected")
+                rank = n
         else:  # an absolute rank is kept as given (no rank_multiple rounding): e.g. the
             # ranks solve_ranks or a checkpoint gives must rebuild exactly that architecture
             rank = min(max(spec, config.min_rank), n)
@@ -279,7 +337,7 @@ def select(model: nn.Module, config: LowRankConfig) -> Selection:
             "with groups=1 (and nn.Linear / HF Conv1D with include_linear=True); check "
             f"include/exclude{why}"
         )
-    return Selection(layers, skipped)
+    return Selection(layers, skipped, notes)
 
 
 def select_layers(model: nn.Module, config: LowRankConfig) -> list[TargetLayer]:
