@@ -417,6 +417,8 @@ class LowRankProjectionCallback(Callback):
     def _project(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                  config: LowRankConfig | None = None, final: bool = False) -> None:
         fit = self._fit
+        if not fit.layers:  # nothing planned (an already decomposed model): no projection
+            return
         if self.config.budget is not None and fit.budget_ranks is None:
             # An epoch-end projection comes after the epoch; a step one within it.
             done = trainer.current_epoch + (1 if self.every_n_train_steps is None else 0)

@@ -42,6 +42,16 @@ PINS: dict[str, list[str]] = {
     "The shipped `last.ckpt` holds the last epoch's dense model": [
         "test_relaunch_of_a_finished_run_leaves_its_results_intact",
         "test_relaunch_after_decomposition_neither_crashes_nor_lies"],
+    "The callback's checkpointed state is filed under its settings": [
+        "test_rank_multiple.py::test_state_key_only_changes_with_rounding",
+        "test_callback_edges.py::test_a_relaunch_with_other_settings_says_so_and_counts_on"],
+    "A relaunch that changes one of them": [
+        "test_callback_edges.py::test_a_relaunch_with_other_settings_says_so_and_counts_on"],
+    "Layers the checkpoint holds as thin pairs stay thin": [
+        "test_callback_edges.py::"
+        "test_a_fit_of_a_partly_decomposed_model_reports_against_the_dense_one",
+        "test_report.py::test_rank_report_of_a_partly_decomposed_model_counts_from_the_dense_one",
+        "test_relaunch_after_decomposition_neither_crashes_nor_lies"],
     "A run into a dir that already holds `results.json` or checkpoints": [
         "test_a_second_run_into_a_used_dir_is_refused_unless_overwrite"],
     "A run dir that cannot take files": [

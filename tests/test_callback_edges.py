@@ -141,6 +141,10 @@ def test_relaunch_of_a_decomposed_run_neither_crashes_nor_projects(tmp_path) -> 
     assert decomposed_ranks(fresh.net) == decomposed_ranks(model.net)
     assert again.num_projections == 1  # restored, none added
     trainer([again]).test(fresh, verbose=False)
+    # Trained on as thin layers for two more epochs: nothing is projected, nothing counted.
+    more = LowRankProjectionCallback(rank_ratio=0.25, decompose_on_fit_end=True, report=False)
+    trainer([more], max_epochs=3).fit(fresh, ckpt_path=path)
+    assert more.num_projections == 1 and more.last_projected_epoch == 0
 
 
 class ReadsConv(nn.Module):

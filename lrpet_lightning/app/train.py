@@ -178,7 +178,9 @@ def evaluate(run: Run, status: str) -> Evaluation:
             # count it here rather than write a FLOPs reduction nobody measured.
             compression = run.guard("compression report", count_compression, dense, net,
                                     run.datamodule)
-    if usable and run.variant != "lrpet" and decomposed_ranks(net):  # a thin baseline
+    # A thin baseline, or a run continued from a checkpoint that held only thin layers
+    # (the callback had nothing to project, so no report): count against the dense model.
+    if usable and decomposed_ranks(net) and (run.variant != "lrpet" or compression is None):
         dense = build_model(run.cfg.model.arch, num_classes=run.datamodule.num_classes,
                             in_channels=run.datamodule.in_channels,
                             small_input=run.cfg.model.small_input)
