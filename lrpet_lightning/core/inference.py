@@ -115,11 +115,10 @@ def prepare_for_inference(
 
     try:
         reference = copy_model(model).eval()
-    except RuntimeError as err:  # e.g. the legacy torch.nn.utils.weight_norm hook
+    except RuntimeError as err:  # copy_model copies legacy weight_norm; this is the rest
         raise ValueError(
             f"prepare_for_inference works on a copy, but this {type(model).__name__} cannot be "
-            f"deep-copied ({err}); remove legacy weight-norm hooks first "
-            "(torch.nn.utils.remove_weight_norm) or use torch.nn.utils.parametrizations"
+            f"deep-copied ({err})"
         ) from err
     prepared = copy_model(model).eval()
     with torch.no_grad():
