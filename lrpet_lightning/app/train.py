@@ -180,7 +180,9 @@ def evaluate(run: Run, status: str) -> Evaluation:
                                     run.datamodule)
     # A thin baseline, or a run continued from a checkpoint that held only thin layers
     # (the callback had nothing to project, so no report): count against the dense model.
-    if usable and decomposed_ranks(net) and (run.variant != "lrpet" or compression is None):
+    # Not after a failed fit end: no figure for a model the run does not hand back.
+    continued = compression is None and status != "failed"
+    if usable and decomposed_ranks(net) and (run.variant != "lrpet" or continued):
         dense = build_model(run.cfg.model.arch, num_classes=run.datamodule.num_classes,
                             in_channels=run.datamodule.in_channels,
                             small_input=run.cfg.model.small_input)
