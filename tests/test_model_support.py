@@ -205,6 +205,52 @@ def test_decompose_keeps_a_nan_layer_dense_and_decomposes_the_others() -> None:
     assert "0: NaN/Inf weights: kept dense" in text
 
 
+def test_decompose_keeps_a_hooked_layer_dense_and_names_it() -> None:
+    """A thin pair would not run the hooks on the dense layer: its outputs would change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    project_low_rank_(model, rank_ratio=0.25, bn_rectification=False)
+    model[0].register_forward_hook(lambda module, args, out: out * 2)
+    x = torch.randn(2, 8, 9, 9)
+    before = model(x)
+    ranks, text = _warned(decompose_, model, rank_ratio=0.25)
+    assert ranks == {"1": 4} and type(model[0]) is nn.Conv2d
+    assert "0: 1 forward/backward hook(s) registered on it" in text
+    assert torch.allclose(model(x), before, atol=1e-5)
+
+
+def test_a_forward_replaced_on_the_instance_is_named_and_left_alone() -> None:
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    conv = model[0]
+    conv.forward = lambda x: F.conv2d(x, conv.weight.tanh(), conv.bias)
+    before = conv.weight.detach().clone()
+    records, text = _warned(project_low_rank_, model, rank_ratio=0.25, bn_rectification=False)
+    assert [r.name for r in records] == ["1"]
+    assert "0: its forward is replaced on the instance" in text
+    assert torch.equal(conv.weight, before)
+    ranks, _ = _warned(decompose_, model, rank_ratio=0.25)
+    assert ranks == {"1": 4} and model[0] is conv
+
+
+def test_loading_a_compact_state_dict_and_recomposing_keep_the_hooks() -> None:
+    """match_architecture_ and recompose_ must swap the module: its hooks move with it."""
+    from lrpet_lightning import match_architecture_, recompose_
+
+    torch.manual_seed(0)
+    compact = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    decompose_(compact, ranks={"0": 4, "1": 4})
+    dense = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    seen: list[str] = []
+    dense[0].register_forward_hook(lambda module, args, out: seen.append(type(module).__name__))
+    _, text = _warned(match_architecture_, dense, compact.state_dict())
+    assert "1 hook(s) of 0 carried over onto its FactorizedConv replacement" in text
+    dense.load_state_dict(compact.state_dict())
+    dense(torch.randn(1, 8, 9, 9))
+    _, text = _warned(recompose_, dense)
+    dense(torch.randn(1, 8, 9, 9))
+    assert seen == ["FactorizedConv", "Conv2d"] and "onto its Conv2d replacement" in text
+
+
 def test_decompose_is_transactional(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
     real = FactorizedConv.from_dense.__func__

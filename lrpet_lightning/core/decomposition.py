@@ -7,6 +7,7 @@ makes a dense model's architecture match a compact checkpoint, ``recompose_`` un
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.factorized import FactorizedLayer, factorized_type
 from lrpet_lightning.core.linalg import all_finite, factorization_pays, numerical_rank
 from lrpet_lightning.core.plan import plan_layers
-from lrpet_lightning.core.walk import TargetLayer, layer_matrix
+from lrpet_lightning.core.walk import TargetLayer, hook_count, layer_matrix
 
 __all__ = [
     "TRUNCATION_RTOL",
@@ -117,6 +118,11 @@ def decompose_(
         if real and not all_finite(M):
             plan.skipped[layer.name] = "NaN/Inf weights: kept dense"
             continue
+        if hooks := hook_count(layer.module):
+            plan.skipped[layer.name] = (
+                f"{hooks} forward/backward hook(s) registered on it, which a thin pair would "
+                "not run: kept dense (remove them before decompose_, register them after)")
+            continue
         rank = layer.rank
         if infer:
             rtol = rank_rtol or min(max(M.shape) * torch.finfo(M.dtype).eps, 1e-2)
@@ -212,8 +218,31 @@ def match_architecture_(
     return ranks
 
 
+#: The hook registries of ``nn.Module`` that run around its forward and backward.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module, model: nn.Module) -> None:
+    """Register ``old``'s forward/backward hooks on its replacement ``new``, with a warning:
+    a state dict or a recomposition must swap the module, and its hooks must keep running."""
+    if not hook_count(old):
+        return
+    for name in _HOOK_DICTS:
+        if hasattr(old, name) and hasattr(new, name):
+            getattr(new, name).update(getattr(old, name))
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old]
+    warnings.warn(f"{type(model).__name__}: {hook_count(old)} hook(s) of "
+                  f"{names[0] if names else 'a layer'} carried over onto its "
+                  f"{type(new).__name__} replacement; they now receive the new module, and "
+                  "their old handles no longer remove them", stacklevel=3)
+
+
 def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` is registered in ``model`` (a shared module)."""
+    """Put ``new`` wherever ``old`` is registered in ``model`` (a shared module), with its
+    hooks."""
+    _carry_hooks(old, new, model)
     names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old]
     for name in names:
         model.set_submodule(name, new)

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from lrpet_lightning.core.checks import check_int
 from lrpet_lightning.core.factorized import FactorizedConv, FactorizedLayer
 from lrpet_lightning.core.trace import BNPairTracer, run_forward
-from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer, copy_model
+from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer, copy_model, hook_count
 
 __all__ = ["FASTER_MARGIN", "FOLDED_ATTR", "PREPARED_ATTR", "RANK_MULTIPLE", "GemmFactorizedConv",
            "can_pad_rank", "fold_batchnorms_", "has_hooks", "is_plain_pair", "is_pointwise_pair",
@@ -277,8 +277,7 @@ FOLDED_ATTR = "_lrpet_folded_batchnorms"
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` itself has a forward, forward-pre, backward or backward-pre hook."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or module._backward_hooks or module._backward_pre_hooks)
+    return hook_count(module) > 0
 
 
 def _hooked(layer: nn.Module) -> bool:

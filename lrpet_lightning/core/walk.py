@@ -28,7 +28,7 @@ __all__ = [
     "Selection",
     "TargetLayer",
     "copy_model",
-    "full_rank_of",
+    "hook_count",
     "is_hf_conv1d",
     "layer_matrix",
     "select",
@@ -130,6 +130,12 @@ class Selection:
     notes: dict[str, str] = field(default_factory=dict)
 
 
+def hook_count(module: nn.Module) -> int:
+    """How many forward, forward-pre, backward and backward-pre hooks ``module`` itself has."""
+    return sum(len(getattr(module, name, ())) for name in (
+        "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"))
+
+
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -158,6 +164,8 @@ def _skip_reason(module: nn.Module, parent: nn.Module | None) -> str | None:
         return "weight is computed by a parametrization or a weight-norm hook"
     if isinstance(module, CONV_TYPES) and module.groups != 1:
         return f"grouped conv (groups={module.groups})"
+    if "forward" in vars(module):  # ``layer.forward = ...`` on the instance
+        return "its forward is replaced on the instance (it may not use .weight as is)"
     base = _base_type(module)
     if base is not None and (
         type(module).forward is not base.forward
