@@ -308,6 +308,7 @@ class LowRankProjectionCallback(Callback):
         for info, message in fit.plan_for(pl_module, self.config):
             (rank_zero_info if info else rank_zero_warn)("LRPET: " + message)
         _check_overlap(self, trainer, fit.layers)
+        fit.check_budget(self._network(pl_module), self.config)  # a parameter budget: now
         rank_zero_info(f"LRPET: projecting {len(fit.layers)} layer(s) "
                        + (f"every {self.every_n_train_steps} optimizer step(s)"
                           if self.every_n_train_steps else f"every {self.every_n_epochs} epoch(s)"))
@@ -340,6 +341,7 @@ class LowRankProjectionCallback(Callback):
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         self._finish_tracing(pl_module)
         fit, step, epoch = self._fit, trainer.global_step, trainer.current_epoch
+        fit.check_budget(self._network(pl_module), self.config)  # FLOPs: the first input
         # Under gradient accumulation most batches do not step the optimizer, and
         # global_step stays put (at 0 before the first step).
         stepped = step != fit.step_at_batch_start

@@ -13,7 +13,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lrpet_lightning.core.batchnorm import RecentInputs
-from lrpet_lightning.core.budget import RankSolution, solve_ranks_for_layers
+from lrpet_lightning.core.budget import (
+    RankSolution,
+    budget_costs,
+    check_reachable,
+    solve_ranks_for_layers,
+)
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.network import Network
 from lrpet_lightning.core.plan import (
@@ -55,6 +60,8 @@ class FitState:
     #: True while the weights are exactly low rank: projected with residual_scale=0 and no
     #: optimizer step since.
     exact: bool = False
+    #: Whether :meth:`check_budget` checked that the budget can be met.
+    budget_checked: bool = False
 
     @property
     def layers(self) -> list[TargetLayer]:
@@ -136,6 +143,22 @@ class FitState:
         """Whether a ``"spectrum"`` budget is still in its warm-up (no projection yet)."""
         return (config.budget is not None and self.budget_ranks is None
                 and config.allocation == "spectrum" and epochs_done < warmup_epochs)
+
+    def check_budget(self, network: Network, config: LowRankConfig) -> None:
+        """Raise ``ValueError`` now if ``config``'s budget, still unsolved, cannot be met:
+        a parameter budget from the shapes alone (before the first step), a FLOPs budget
+        once one input was recorded (after it). Not hours later, when it is solved."""
+        if (config.budget is None or self.budget_ranks is not None or not self.layers
+                or self.budget_checked):
+            return
+        flops = config.budget[0] == "flops"
+        if flops and self.example_inputs is None:
+            return
+        self.budget_checked = True
+        model = copy_model(network.eager) if flops else network.eager  # the count runs it
+        layers = network.local_layers(self.layers)
+        check_reachable(model, budget_costs(model, layers, self.example_inputs if flops
+                                            else None), config)
 
     def solve_budget(self, network: Network, config: LowRankConfig,
                      broadcast: Callable[[dict[str, int]], dict[str, int]]) -> RankSolution:

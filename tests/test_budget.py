@@ -360,6 +360,19 @@ def test_callback_budget_solved_at_fit_end_when_training_ends_within_warm_up(
     assert cb.compression is not None and cb.compression.flops_reduction >= 0.5
 
 
+@pytest.mark.parametrize(("metric", "steps"), [("params", 0), ("flops", 1)])
+def test_an_unreachable_budget_fails_before_the_warm_up_not_after_it(
+        metric: str, steps: int) -> None:
+    """A parameter budget is checked on the shapes before any step; a FLOPs budget after
+    the first, on its input: not when the spectra are read, after budget_warmup_epochs."""
+    cb = _budget_callback(**{"target_flops_reduction": None, "budget_warmup_epochs": 3,
+                             f"target_{metric}_reduction": 0.999})
+    trainer = make_trainer([cb], max_epochs=4)
+    with pytest.raises(ValueError, match=rf"target_{metric}_reduction=0.999 cannot be met"):
+        trainer.fit(Tiny())
+    assert trainer.global_step == steps
+
+
 @pytest.mark.parametrize("resume_epoch", [0, 2], ids=["during_warm_up", "after_solve"])
 def test_resume_keeps_the_checkpointed_budget_ranks(tmp_path: Path, count_solves: list[int],
                                                     resume_epoch: int) -> None:

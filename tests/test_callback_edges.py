@@ -177,6 +177,27 @@ def test_layers_read_by_their_parent_and_late_branches_are_named() -> None:
         trainer([cb]).fit(late)
 
 
+class PenalizesWeights(Tiny):
+    """A training step that reads every conv's .weight outside any forward (a weight
+    penalty, logging its norm): harmless, so every conv is still compressed."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        penalty = sum(getattr(self.net, n).weight.square().sum() for n in ("conv1", "conv2"))
+        self.log("late_norm", self.net.late.weight.norm())
+        return super().training_step(batch, batch_idx) + 1e-4 * penalty
+
+
+def test_weights_read_in_the_training_step_outside_any_forward_are_still_compressed() -> None:
+    model = PenalizesWeights()
+    cb = LowRankProjectionCallback(rank_ratio=0.25, decompose_on_fit_end=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([cb]).fit(model)
+    assert not [w for w in caught if "read outside" in str(w.message)]
+    assert set(decomposed_ranks(model.net)) == {"conv1", "conv2", "late"}
+    assert cb.compression is not None and cb.compression.flops_reduction > 0.3
+
+
 # --------------------------------------- the core helpers behind the callback, plain PyTorch
 def test_input_recorder_keeps_one_sample_of_the_first_call_and_unhooks() -> None:
     from lrpet_lightning.core.trace import InputRecorder, run_forward

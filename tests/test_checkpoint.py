@@ -87,6 +87,45 @@ def test_match_architecture_rebuilds_a_dense_model_for_a_decomposed_state_dict()
     torch.testing.assert_close(dense.eval()(x), model(x))
 
 
+def test_a_dense_state_dict_loads_into_thin_pairs_exactly_when_rank_r_else_warns() -> None:
+    """A dense checkpoint (ModelCheckpoint's "best" from before decomposition) loads into a
+    decomposed model by splitting each weight: exact when it is rank r; otherwise the load
+    truncates it and says so, naming the weight."""
+    torch.manual_seed(0)
+    projected = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    project_low_rank_(projected, rank_ratio=0.25, bn_rectification=False)
+    thin = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    decompose_(thin, ranks={"0": 4, "2": 4})
+    x = torch.randn(2, 8, 9, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        thin.load_state_dict(projected.state_dict())
+    torch.testing.assert_close(thin(x), projected(x), rtol=1e-4, atol=1e-5)
+    unprojected = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    with pytest.warns(RuntimeWarning, match=r"'0\.weight' loaded into a thin pair of rank 4 "
+                      "is not rank 4"):
+        thin.load_state_dict(unprojected.state_dict())
+
+
+def test_a_dense_hf_conv1d_state_dict_loads_into_its_thin_pair_untransposed() -> None:
+    """A Hugging Face Conv1D stores its weight as (in, out); square, nothing in the shape
+    says so: its thin pair must remember."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    model = nn.Sequential(pytorch_utils.Conv1D(12, 12))
+    project_low_rank_(model, rank_ratio=0.25, include_linear=True)
+    dense = model.state_dict()
+    x = torch.randn(3, 12)
+    y = model(x)
+    decompose_(model, rank_ratio=0.25, include_linear=True)
+    with torch.no_grad():
+        model[0].first.weight.zero_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.load_state_dict(dense)
+    torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)
+
+
 def test_no_unsafe_torch_load_in_the_package() -> None:
     import re
 

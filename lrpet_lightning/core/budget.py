@@ -307,6 +307,28 @@ def _spectrum(costs: BudgetCosts, metric: str, target: float, min_rank: int,
     return ranks
 
 
+def check_reachable(model: nn.Module, costs: BudgetCosts, config: LowRankConfig) -> None:
+    """Raise ``ValueError`` when ``config``'s budget cannot be met even with every targeted
+    layer at ``min_rank`` (rounded as ``rank_multiple`` rounds), saying what can be."""
+    assert config.budget is not None
+    metric, target = config.budget
+    if metric == "flops" and costs.dense_flops == 0:
+        raise ValueError(f"{type(model).__name__} counts 0 FLOPs on example_inputs; "
+                         "target_flops_reduction cannot be solved")
+    multiple = config.rank_multiple
+    best = costs.reduction(metric, [_floor_rank(c, config.min_rank, multiple)
+                                    for c in costs.layers])
+    if best < target:
+        name = "target_flops_reduction" if metric == "flops" else "target_params_reduction"
+        rounded = f" rounded to rank_multiple={multiple}" if multiple > 1 else ""
+        raise ValueError(
+            f"{name}={target!r} cannot be met: with every targeted layer at "
+            f"min_rank={config.min_rank}{rounded} the model has {100 * best:.1f} % fewer "
+            f"{'FLOPs' if metric == 'flops' else 'parameters'} (the untargeted layers keep "
+            f"the rest); allowed: a target in (0, {math.floor(best * 1e4) / 1e4:.4f}]"
+        )
+
+
 def solve_ranks_for_layers(
     model: nn.Module,
     layers: Sequence[TargetLayer],
@@ -331,21 +353,8 @@ def solve_ranks_for_layers(
     if not layers:
         raise ValueError(f"no layer of {type(model).__name__} is targeted by the budget")
     costs = budget_costs(model, layers, example_inputs)
-    if metric == "flops" and costs.dense_flops == 0:
-        raise ValueError(f"{type(model).__name__} counts 0 FLOPs on example_inputs; "
-                         "target_flops_reduction cannot be solved")
+    check_reachable(model, costs, config)
     multiple = config.rank_multiple
-    floor = [_floor_rank(c, config.min_rank, multiple) for c in costs.layers]
-    best = costs.reduction(metric, floor)
-    if best < target:
-        name = "target_flops_reduction" if metric == "flops" else "target_params_reduction"
-        rounded = f" rounded to rank_multiple={multiple}" if multiple > 1 else ""
-        raise ValueError(
-            f"{name}={target!r} cannot be met: with every targeted layer at "
-            f"min_rank={config.min_rank}{rounded} the model has {100 * best:.1f} % fewer "
-            f"{'FLOPs' if metric == 'flops' else 'parameters'} (the untargeted layers keep "
-            f"the rest); allowed: a target in (0, {math.floor(best * 1e4) / 1e4:.4f}]"
-        )
     kept: dict[str, float] = {}
     rho = None
     energies = None if config.allocation == "uniform" else layer_energies(

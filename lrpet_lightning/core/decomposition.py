@@ -17,7 +17,12 @@ from torch import nn
 from lrpet_lightning.core.checks import check_float
 from lrpet_lightning.core.config import LowRankConfig
 from lrpet_lightning.core.factorized import FactorizedLayer, factorized_type
-from lrpet_lightning.core.linalg import all_finite, factorization_pays, numerical_rank
+from lrpet_lightning.core.linalg import (
+    TRUNCATION_RTOL,
+    all_finite,
+    factorization_pays,
+    numerical_rank,
+)
 from lrpet_lightning.core.plan import plan_layers
 from lrpet_lightning.core.walk import TargetLayer, hook_count, layer_matrix
 
@@ -31,9 +36,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``decompose_`` warns about a layer whose truncation changes its weight by more than this
-#: (relative Frobenius norm): it was not (close to) rank r, so the model's outputs change.
-TRUNCATION_RTOL = 1e-3
 
 
 @torch.no_grad()

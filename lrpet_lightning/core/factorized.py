@@ -19,10 +19,11 @@ from __future__ import annotations
 import sys
 import warnings
 
+import torch
 from torch import Tensor, nn
 
 from lrpet_lightning.core.checks import check_int
-from lrpet_lightning.core.linalg import factorize_matrix, weight_to_matrix
+from lrpet_lightning.core.linalg import TRUNCATION_RTOL, factorize_matrix, weight_to_matrix
 from lrpet_lightning.core.walk import CONV_TYPES, full_rank_of, is_hf_conv1d, layer_matrix
 
 __all__ = ["FACTORIZED_TYPES", "FactorizedConv", "FactorizedLayer", "FactorizedLinear",
@@ -103,10 +104,26 @@ class FactorizedLayer(nn.Module):
         # before decomposition (e.g. ModelCheckpoint's "best" during LRPET training) loads
         # into the decomposed model by splitting its weight at this layer's rank — exact
         # when that weight was projected to this rank.
+        # A dense weight that is not rank r loads truncated, with a warning naming it.
         dense_key = prefix + "weight"
-        if dense_key in state_dict and prefix + "first.weight" not in state_dict:
-            w = state_dict.pop(dense_key)
-            A, B = factorize_matrix(weight_to_matrix(w).double(), self.rank)
+        # Another shape is left to load_state_dict's own missing/unexpected-key error.
+        shape = (self.second.weight.shape[0], self.first.weight[0].numel())
+        w = state_dict.get(dense_key)
+        if (w is not None and prefix + "first.weight" not in state_dict
+                and w.dim() >= 2 and w.numel() == shape[0] * shape[1]):
+            M = weight_to_matrix(state_dict.pop(dense_key)).double()
+            if self.__dict__.get("_hf_conv1d"):
+                M = M.mT  # a Hugging Face Conv1D stores its weight as (in, out)
+            A, B = factorize_matrix(M, self.rank)
+            error = float(torch.linalg.matrix_norm(M - A @ B)
+                          / torch.linalg.matrix_norm(M).clamp_min(1e-300))
+            if not error <= max(TRUNCATION_RTOL, 4 * torch.finfo(w.dtype).eps):
+                warnings.warn(
+                    f"LRPET: the dense weight {dense_key!r} loaded into a thin pair of rank "
+                    f"{self.rank} is not rank {self.rank}: truncating it changes it by "
+                    f"{100 * error:.2g} %, so the loaded model computes something else than "
+                    "the one saved (a checkpoint from before the last projection, or with "
+                    "residual_scale > 0)", RuntimeWarning, stacklevel=2)
             state_dict[prefix + "first.weight"] = B.reshape(self.first.weight.shape)
             state_dict[prefix + "second.weight"] = A.reshape(self.second.weight.shape)
             if prefix + "bias" in state_dict:
@@ -198,6 +215,7 @@ class FactorizedLinear(FactorizedLayer):
         second = nn.Linear(rank, out_features, bias=linear.bias is not None, **factory)
         layer = cls(first, second)
         layer._split(matrix, linear.bias, rank, _grads(linear))
+        layer.__dict__["_hf_conv1d"] = is_hf_conv1d(linear)  # how a dense weight is stored
         return layer
 
     def to_dense(self) -> nn.Linear:

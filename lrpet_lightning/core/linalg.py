@@ -504,6 +504,12 @@ def numerical_rank(M: Tensor, rtol: float) -> int:
     return max(1, int((s > rtol * s[0]).sum()))
 
 
+#: ``decompose_`` (and a factorized layer loading a dense weight) warns about a layer whose
+#: truncation changes its weight by more than this (relative Frobenius norm): it was not
+#: (close to) rank r, so the model's outputs change.
+TRUNCATION_RTOL = 1e-3
+
+
 def factorize_matrix(M: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """Split ``M ~ A @ B`` with ``A = U_r sqrt(S_r)`` ``(rows, r)`` and ``B = sqrt(S_r) V_r^T``.
 

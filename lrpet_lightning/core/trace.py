@@ -67,7 +67,10 @@ def _watching_class(cls: type[nn.Module]) -> type[nn.Module]:
 class BNPairTracer:
     """Context manager that records, during whatever forward passes run inside it, which
     BatchNorm consumes each target layer's output tensor directly, which layers ran, and
-    (``watch_reads``) which layers' ``.weight`` is read outside their own forward.
+    (``watch_reads``) which layers' ``.weight`` is read outside their own forward but
+    within another module's (a parent that reads its child's weight). A read while no
+    module of ``model`` runs (a training step's weight penalty, logging) is not one: it
+    computes the same from a thin pair's rebuilt weight, only slower.
 
     Output tensors are kept referenced while tracing, so Python cannot reuse their ``id``
     for another tensor (a freed tensor's id is often handed to the next one).
@@ -94,11 +97,17 @@ class BNPairTracer:
         self._handles: list[Any] = []
         self._swapped: list[tuple[nn.Module, type]] = []
         self._active: dict[int, int] = {}  # id(module) -> forward calls in progress
+        self._running = 0  # forward calls of model's modules in progress
         self.ran: set[str] = set()
         self.read_outside: set[str] = set()
 
     def __enter__(self) -> BNPairTracer:
         seen: set[int] = set()
+        if self._watch_reads:
+            for module in self._model.modules():
+                self._handles.append(module.register_forward_pre_hook(self._on_enter))
+                self._handles.append(module.register_forward_hook(self._on_exit,
+                                                                  always_call=True))
         for name, module in self._model.named_modules():
             if id(module) in self._layer_names and id(module) not in seen:
                 seen.add(id(module))
@@ -132,8 +141,14 @@ class BNPairTracer:
         _WATCHERS[id(module)] = self
         self._swapped.append((module, cls))
 
+    def _on_enter(self, module: nn.Module, args: Any) -> None:
+        self._running += 1
+
+    def _on_exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._running -= 1
+
     def _on_weight_read(self, module: nn.Module) -> None:
-        if not self._active.get(id(module)):
+        if self._running and not self._active.get(id(module)):
             self.read_outside.add(self._layer_names[id(module)])
 
     def _on_layer_input(self, module: nn.Module, args: Any) -> None:
