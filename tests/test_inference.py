@@ -643,3 +643,30 @@ def test_a_prepared_model_made_all_dense_saves_and_reloads(tmp_path, monkeypatch
     save_compact(reloaded, tmp_path / "again.pt")
     with pytest.raises(ValueError, match="has no factorized layer"):  # a plain dense model
         save_compact(build_model("resnet20"), tmp_path / "plain.pt")
+
+
+class _BreaksGraph(nn.Module):
+    """A conv -> BN block whose forward has a graph break (a print, a data-dependent branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        torch._dynamo.graph_break()
+        return y.relu()
+
+
+def test_prepare_for_inference_folds_inside_a_compiled_submodule_with_a_graph_break() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), _BreaksGraph())
+    x = torch.randn(2, 3, 8, 8)
+    model(x)  # some statistics
+    model.eval()
+    model[2] = torch.compile(model[2], backend="eager")
+    y = model(x)
+    prepared = prepare_for_inference(model, x)
+    assert isinstance(prepared[1], nn.Identity)
+    assert isinstance(prepared[2]._orig_mod.bn, nn.Identity)
+    torch.testing.assert_close(prepared(x), y, rtol=1e-4, atol=1e-5)

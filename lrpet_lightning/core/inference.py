@@ -314,7 +314,10 @@ def _sole_conv_bn_pairs(
     handles = [conv.register_forward_hook(on_call(n)) for n, conv in convs.items()]
     handles += [bn.register_forward_pre_hook(on_call(n)) for n, bn in bns.items()]
     try:
-        with BNPairTracer(model, layers) as tracer, uses:
+        # Eager, also inside a torch.compile'd submodule: a graph break would hand the
+        # counter dynamo's own tensors, and compiled code runs no hooks.
+        with (torch.compiler.set_stance("force_eager"), BNPairTracer(model, layers) as tracer,
+              uses):
             result = run_forward(model, example_inputs)
     finally:
         for handle in handles:
