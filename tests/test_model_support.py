@@ -251,6 +251,21 @@ def test_loading_a_compact_state_dict_and_recomposing_keep_the_hooks() -> None:
     assert seen == ["FactorizedConv", "Conv2d"] and "onto its Conv2d replacement" in text
 
 
+def test_decompose_names_low_rank_linears_it_leaves_dense_without_include_linear() -> None:
+    """The callback projected the Linears (include_linear=True); a later decompose_(model)
+    without it decomposes only the convs, and says which Linears it left."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Flatten(), nn.Linear(16 * 36, 32),
+                          nn.Linear(32, 32))
+    project_low_rank_(model, rank_ratio=0.25, include_linear=True, bn_rectification=False)
+    ranks, text = _warned(decompose_, model)
+    assert ranks == {"0": 4}
+    assert "2 Linear layer(s) have low-rank weights" in text and ": 2, 3" in text
+    _, text = _warned(decompose_, model, include_linear=True)
+    assert "Linear layer(s) have low-rank weights" not in text
+    assert isinstance(model[2], FactorizedLinear) and isinstance(model[3], FactorizedLinear)
+
+
 def test_decompose_is_transactional(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
     real = FactorizedConv.from_dense.__func__

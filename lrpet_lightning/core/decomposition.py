@@ -6,6 +6,7 @@ makes a dense model's architecture match a compact checkpoint, ``recompose_`` un
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,7 @@ from lrpet_lightning.core.linalg import (
     numerical_rank,
 )
 from lrpet_lightning.core.plan import plan_layers
-from lrpet_lightning.core.walk import TargetLayer, hook_count, layer_matrix
+from lrpet_lightning.core.walk import CONV_TYPES, TargetLayer, hook_count, layer_matrix, select
 
 __all__ = [
     "TRUNCATION_RTOL",
@@ -156,10 +157,37 @@ def decompose_(
             f"model's outputs (project with the same ranks first, e.g. train with "
             f"LowRankProjectionCallback): {', '.join(changed[:6])}"
             + (f" and {len(changed) - 6} more" if len(changed) > 6 else ""))
+    if not include_linear and (linears := _low_rank_linears(model, config, rank_rtol)):
+        plan.notes["(linear)"] = (
+            f"{len(linears)} Linear layer(s) have low-rank weights (projected with "
+            f"include_linear=True?) but stay dense without include_linear=True: "
+            f"{', '.join(linears[:6])}" + (f" and {len(linears) - 6} more"
+                                          if len(linears) > 6 else ""))
     if not replacements:
         plan.notes["(nothing)"] = f"no layer of {type(model).__name__} was decomposed"
     plan.warn("decompose_")
     return {layer.name: thin.rank for layer, thin in replacements}
+
+
+def _low_rank_linears(model: nn.Module, config: LowRankConfig,
+                      rank_rtol: float | None) -> list[str]:
+    """The Linear layers ``config`` would target with ``include_linear=True`` whose weights
+    are low rank enough that their thin pair would be smaller (left dense without it)."""
+    try:
+        found = select(model, dataclasses.replace(config, include_linear=True)).layers
+    except ValueError:  # a pattern that only makes sense for the convs
+        return []
+    names = []
+    for layer in found:
+        if isinstance(layer.module, CONV_TYPES) or layer.module.weight.is_meta:
+            continue
+        M = layer.matrix().double()
+        if not all_finite(M):
+            continue
+        rtol = rank_rtol or min(max(M.shape) * torch.finfo(layer.module.weight.dtype).eps, 1e-2)
+        if factorization_pays(*M.shape, numerical_rank(M, rtol)):
+            names.append(layer.name)
+    return names
 
 
 def _relative_error(layer: TargetLayer, thin: FactorizedLayer, M: torch.Tensor) -> float:
