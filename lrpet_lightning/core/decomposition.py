@@ -63,8 +63,10 @@ def decompose_(
     changes its weight by more than ``TRUNCATION_RTOL`` is named in a warning). With
     neither, each layer's rank is read off its weight: the number of singular values above
     ``rank_rtol * s_max`` (default ``max(rows, cols) * eps`` of the weight's dtype, at most
-    ``1e-2``). A layer whose factorization would not save parameters
-    (``r * (rows + cols) >= rows * cols``) stays dense.
+    ``1e-2``); Linear layers with low-rank weights left out (``include_linear=False``) are
+    named. A layer whose factorization would not save parameters
+    (``r * (rows + cols) >= rows * cols``) stays dense, and so does a layer with forward or
+    backward hooks (its thin pair would not run them).
 
     Transactional: every targeted layer is checked and factorized first, then all are
     swapped in; a layer with NaN/Inf weights stays dense. With ``example_inputs`` one
@@ -157,7 +159,9 @@ def decompose_(
             f"model's outputs (project with the same ranks first, e.g. train with "
             f"LowRankProjectionCallback): {', '.join(changed[:6])}"
             + (f" and {len(changed) - 6} more" if len(changed) > 6 else ""))
-    if not include_linear and (linears := _low_rank_linears(model, config, rank_rtol)):
+    # Reading ranks off the weights (the call after a fit): say which Linears it left.
+    if infer and not include_linear and (linears := _low_rank_linears(model, config,
+                                                                      rank_rtol)):
         plan.notes["(linear)"] = (
             f"{len(linears)} Linear layer(s) have low-rank weights (projected with "
             f"include_linear=True?) but stay dense without include_linear=True: "
